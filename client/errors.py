@@ -1,0 +1,171 @@
+"""The one error hierarchy of deltareg, shared by the server and the client.
+
+Every error carries a stable ``code`` (the wire identity), the HTTP ``status_code`` the server answers
+with, and the ``exit_code`` the CLI ends with. The server renders ``{"error": code, "detail": message}``;
+the client turns that body back into the same class in exactly one place (``error_from_response``).
+
+    DeltaregError (500, exit 1)
+    ├── InvalidInput (400)
+    │   ├── InvalidName, InvalidReference, InvalidManifest, InvalidSafetensors,
+    │   ├── InvalidAdapter, InvalidModel, UnsafeFile (pickles), MissingBlob
+    ├── AuthenticationRequired (401), PermissionDenied (403)
+    ├── NotFound (404)
+    │   ├── RepoNotFound, VersionNotFound, BlobNotFound, AliasNotFound
+    ├── Conflict (409)
+    ├── PayloadTooLarge (413)
+    ├── VerificationFailed (400, exit 3)
+    │   ├── DigestMismatch, BaseMismatch
+    ├── ServiceUnavailable (503)
+    └── ConnectionFailed (client only: the server could not be reached)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class DeltaregError(Exception):
+    """Base of every deltareg error."""
+
+    code: ClassVar[str] = "internal_error"
+    status_code: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_body(self) -> dict[str, str]:
+        return {"error": self.code, "detail": self.message}
+
+
+class InvalidInput(DeltaregError):
+    code = "invalid_input"
+    status_code = 400
+
+
+class InvalidName(InvalidInput):
+    code = "invalid_name"
+
+
+class InvalidReference(InvalidInput):
+    code = "invalid_reference"
+
+
+class InvalidManifest(InvalidInput):
+    code = "invalid_manifest"
+
+
+class InvalidSafetensors(InvalidInput):
+    code = "invalid_safetensors"
+
+
+class InvalidAdapter(InvalidInput):
+    code = "invalid_adapter"
+
+
+class InvalidModel(InvalidInput):
+    code = "invalid_model"
+
+
+class UnsafeFile(InvalidInput):
+    """A pickle-based weight file (.bin, .pt, …): deltareg never unpickles."""
+
+    code = "unsafe_file"
+
+
+class MissingBlob(InvalidInput):
+    """A manifest names a blob the store does not hold (upload it first)."""
+
+    code = "missing_blob"
+
+
+class AuthenticationRequired(DeltaregError):
+    code = "authentication_required"
+    status_code = 401
+
+
+class PermissionDenied(DeltaregError):
+    code = "permission_denied"
+    status_code = 403
+
+
+class NotFound(DeltaregError):
+    code = "not_found"
+    status_code = 404
+
+
+class RepoNotFound(NotFound):
+    code = "repo_not_found"
+
+
+class VersionNotFound(NotFound):
+    code = "version_not_found"
+
+
+class BlobNotFound(NotFound):
+    code = "blob_not_found"
+
+
+class AliasNotFound(NotFound):
+    code = "alias_not_found"
+
+
+class Conflict(DeltaregError):
+    code = "conflict"
+    status_code = 409
+
+
+class PayloadTooLarge(DeltaregError):
+    code = "payload_too_large"
+    status_code = 413
+
+
+class VerificationFailed(DeltaregError):
+    """Something did not verify: a digest, the base model, a signature. CLI exit code 3."""
+
+    code = "verification_failed"
+    status_code = 400
+    exit_code = 3
+
+
+class DigestMismatch(VerificationFailed):
+    code = "digest_mismatch"
+
+
+class BaseMismatch(VerificationFailed):
+    code = "base_mismatch"
+
+
+class ServiceUnavailable(DeltaregError):
+    code = "service_unavailable"
+    status_code = 503
+
+
+class ConnectionFailed(DeltaregError):
+    code = "connection_failed"
+    status_code = 503
+
+
+def _all_subclasses(cls: type[DeltaregError]) -> list[type[DeltaregError]]:
+    found: list[type[DeltaregError]] = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+ERRORS_BY_CODE: dict[str, type[DeltaregError]] = {
+    cls.code: cls for cls in [DeltaregError, *_all_subclasses(DeltaregError)]
+}
+
+
+def error_for(code: str, status_code: int, message: str) -> DeltaregError:
+    """The typed error for a wire code, falling back on the HTTP status when the code is unknown."""
+    cls = ERRORS_BY_CODE.get(code)
+    if cls is None:
+        cls = next(
+            (c for c in (NotFound, Conflict, PayloadTooLarge, InvalidInput) if c.status_code == status_code),
+            ServiceUnavailable if status_code == 503 else DeltaregError,
+        )
+    return cls(message)
