@@ -1,0 +1,28 @@
+"""FastAPI dependencies as ``Annotated`` aliases, so routes declare what they need in one word."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from deltareg.registry.config import Settings
+from deltareg.registry.db import get_session
+from deltareg.registry.storage import BlobStore
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> BlobStore:
+    store: BlobStore = request.app.state.store
+    return store
+
+
+# scope="function": commit before the response is sent, so a failed commit is the client's error too.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[BlobStore, Depends(get_store)]

@@ -1,0 +1,52 @@
+"""The registry application: ``create_app(settings)`` wires settings, database, store and routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+from deltareg.registry.blobs.routes import router as blobs_router
+from deltareg.registry.config import Settings
+from deltareg.registry.db import Database
+from deltareg.registry.errors import add_exception_handlers
+from deltareg.registry.migrate import upgrade
+from deltareg.registry.storage import open_store
+from deltareg.registry.versions.routes import router as versions_router
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A registry app for ``settings`` (default: from DELTAREG_* variables).
+
+    The store is opened here, so a bad DELTAREG_STORAGE_URL fails at once; the database is migrated
+    at startup when ``auto_migrate`` is on.
+    """
+    settings = settings or Settings()
+    store = open_store(settings.storage_url)
+    database = Database.connect(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await anyio.to_thread.run_sync(upgrade, settings.database_url)
+        try:
+            yield
+        finally:
+            database.dispose()
+
+    app = FastAPI(title="deltareg registry", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.database = database
+    app.state.store = store
+    add_exception_handlers(app)
+    app.include_router(blobs_router)
+    app.include_router(versions_router)
+    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
+    return app
+
+
+def healthz() -> dict[str, str]:
+    """Liveness check."""
+    return {"status": "ok"}

@@ -1,0 +1,138 @@
+"""ORM models (SQLAlchemy 2.0, typed) of the registry database; Alembic migrations mirror them.
+
+One module on purpose: models are few, and the naming convention on the shared MetaData gives every
+constraint a stable name for Alembic.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+DIGEST_LENGTH = len("sha256:") + 64
+FINGERPRINT_LENGTH = len("tmv1:") + 64
+NAME_PART_LENGTH = 64
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every database.
+
+    SQLite keeps no offset and hands back naive datetimes; they were written as UTC, so say so on read.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Blob(Base):
+    """A content-addressed file in the blob store, recorded once its bytes were verified."""
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(String(DIGEST_LENGTH), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Repo(Base):
+    """``namespace/name``: one line of versions."""
+
+    __tablename__ = "repos"
+    __table_args__ = (UniqueConstraint("namespace", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(NAME_PART_LENGTH))
+    name: Mapped[str] = mapped_column(String(NAME_PART_LENGTH))
+    # The last version number handed out; bumped atomically, so numbers are never reused.
+    last_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class Version(Base):
+    """An immutable version: its manifest (canonical JSON) and the files it names."""
+
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("repo_id", "number"), UniqueConstraint("repo_id", "digest"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[int] = mapped_column(ForeignKey("repos.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    # Indexed on its own too: parents are looked up by digest across repos.
+    digest: Mapped[str] = mapped_column(String(DIGEST_LENGTH), index=True)
+    manifest: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(32))
+    base_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH), index=True)
+    parent_digest: Mapped[str | None] = mapped_column(String(DIGEST_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class VersionFile(Base):
+    """One file of a version: its path in the version and the blob that holds its bytes."""
+
+    __tablename__ = "version_files"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(255), primary_key=True)
+    blob_digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"))
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class Eval(Base):
+    """A score attached to a version: metric name, finite value, the dataset it was measured on."""
+
+    __tablename__ = "evals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    value: Mapped[float] = mapped_column(Float)
+    dataset: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from deltareg.registry.models import Repo, Version, VersionFile
+
+# A version together with the total size of its files.
+SizedVersion = tuple[Version, int]
+
+_TOTAL_SIZE = (
+    select(func.coalesce(func.sum(VersionFile.size), 0))
+    .where(VersionFile.version_id == Version.id)
+    .correlate(Version)
+    .scalar_subquery()
+)
+
+
+class RepoRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, namespace: str, name: str) -> Repo | None:
+        return self.session.scalar(select(Repo).where(Repo.namespace == namespace, Repo.name == name))
+
+    def get_or_create(self, namespace: str, name: str) -> Repo:
+        """The repo, created on first push; two first pushes racing both end up with the same row."""
+        existing = self.get(namespace, name)
+        if existing is not None:
+            return existing
+        try:
+            with self.session.begin_nested():
+                repo = Repo(namespace=namespace, name=name)
+                self.session.add(repo)
+            return repo
+        except IntegrityError:
+            winner = self.get(namespace, name)
+            if winner is None:
+                raise
+            return winner
+
+    def lock(self, repo_id: int) -> None:
+        """Serialize writers on this repo until the transaction ends (row lock; SQLite locks the file)."""
+        self.session.execute(select(Repo.id).where(Repo.id == repo_id).with_for_update())
+
+    def allocate_version_number(self, repo_id: int) -> int:
+        """The next version number, taken atomically so that it is never handed out twice."""
+        statement = (
+            update(Repo)
+            .where(Repo.id == repo_id)
+            .values(last_version=Repo.last_version + 1)
+            .returning(Repo.last_version)
+        )
+        number: int = self.session.execute(statement).scalar_one()
+        return number
+
+    def list_with_counts(self, namespace: str | None) -> list[tuple[Repo, int, int | None]]:
+        """Every repo (of ``namespace``, if given) with its version count and latest number, by name."""
+        statement = (
+            select(Repo, func.count(Version.id), func.max(Version.number))
+            .outerjoin(Version, Version.repo_id == Repo.id)
+            .group_by(Repo.id)
+            .order_by(Repo.namespace, Repo.name)
+        )
+        if namespace is not None:
+            statement = statement.where(Repo.namespace == namespace)
+        return [(repo, count, latest) for repo, count, latest in self.session.execute(statement)]
+
+
+class VersionRepository:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def _one(self, statement: Select[Version, int]) -> SizedVersion | None:
+        row = self.session.execute(statement).first()
+        return None if row is None else (row[0], row[1])
+
+    def _sized(self) -> Select[Version, int]:
+        return select(Version, _TOTAL_SIZE)
+
+    def by_number(self, repo_id: int, number: int) -> SizedVersion | None:
+        return self._one(self._sized().where(Version.repo_id == repo_id, Version.number == number))
+
+    def by_digest(self, repo_id: int, digest: str) -> SizedVersion | None:
+        return self._one(self._sized().where(Version.repo_id == repo_id, Version.digest == digest))
+
+    def latest(self, repo_id: int) -> SizedVersion | None:
+        return self._one(
+            self._sized().where(Version.repo_id == repo_id).order_by(Version.number.desc()).limit(1)
+        )
+
+    def newest_first(self, repo_id: int) -> list[SizedVersion]:
+        statement = self._sized().where(Version.repo_id == repo_id).order_by(Version.number.desc())
+        return [(version, size) for version, size in self.session.execute(statement)]
+
+    def find_in_any_repo(self, digest: str) -> Version | None:
+        """A version with this manifest digest in any repo (the same manifest may live in several)."""
+        return self.session.scalars(select(Version).where(Version.digest == digest).limit(1)).first()
+
+    def add(self, version: Version, files: list[VersionFile]) -> None:
+        self.session.add(version)
+        self.session.flush()  # assigns version.id
+        for file in files:
+            file.version_id = version.id
+        self.session.add_all(files)
+        self.session.flush()

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deltareg.registry.evals.schemas import EvalIn, EvalOut
+
+
+class CreateVersionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: dict[str, Any] = Field(description="the manifest JSON (deltareg.manifest.v1)")
+    evals: list[EvalIn] = Field(
+        default_factory=list, max_length=64, description="scores recorded with a new version"
+    )
+
+
+class VersionSummary(BaseModel):
+    repo: str
+    number: int
+    digest: str
+    kind: str
+    base_fingerprint: str
+    parent: str | None
+    created_at: datetime
+    size: int = Field(description="total bytes of the version's files")
+
+
+class VersionOut(VersionSummary):
+    manifest: dict[str, Any]
+    evals: list[EvalOut] = Field(default_factory=list)
+
+
+class VersionCreated(VersionOut):
+    created: bool = Field(description="false when this exact manifest was already a version of the repo")
+
+
+class RepoSummary(BaseModel):
+    name: str
+    versions: int
+    latest: int | None
+    created_at: datetime
+
+
+class RepoList(BaseModel):
+    repos: list[RepoSummary]
+
+
+class RepoDetail(BaseModel):
+    name: str
+    created_at: datetime
+    versions: list[VersionSummary] = Field(description="newest first")

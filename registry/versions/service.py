@@ -1,0 +1,172 @@
+"""Version rules: pushing an immutable, verified version; reading repos and versions; resolving refs."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy.orm import Session
+
+from deltareg.client.errors import AliasNotFound, InvalidManifest, RepoNotFound, VersionNotFound
+from deltareg.client.manifest import Manifest
+from deltareg.client.refs import Reference, RepoName, validate_name_part
+from deltareg.registry.blobs.repository import BlobRepository
+from deltareg.registry.evals.repository import EvalRepository
+from deltareg.registry.evals.schemas import EvalIn, EvalOut
+from deltareg.registry.models import Repo, Version, VersionFile
+from deltareg.registry.storage import BlobStore
+from deltareg.registry.versions.contents import ContentChecker
+from deltareg.registry.versions.repository import RepoRepository, SizedVersion, VersionRepository
+from deltareg.registry.versions.schemas import (
+    RepoDetail,
+    RepoList,
+    RepoSummary,
+    VersionCreated,
+    VersionOut,
+    VersionSummary,
+)
+
+
+class VersionService:
+    def __init__(self, session: Session, store: BlobStore) -> None:
+        self.repos = RepoRepository(session)
+        self.versions = VersionRepository(session)
+        self.evals = EvalRepository(session)
+        self.contents = ContentChecker(BlobRepository(session), store)
+
+    # ---- writes
+
+    def push(
+        self, namespace: str, name: str, manifest_json: dict[str, object], evals: list[EvalIn] | None = None
+    ) -> VersionCreated:
+        """Record a version of ``namespace/name``; pushing the same manifest again returns that version.
+
+        ``evals`` are recorded with a new version only: an identical re-push is a retry, not a new score.
+        """
+        repo_name = RepoName(validate_name_part(namespace, "namespace"), validate_name_part(name, "name"))
+        manifest = Manifest.parse(manifest_json)
+        existing = self._existing(repo_name, manifest.digest)
+        if existing is not None:
+            return existing
+        # Everything is checked before anything is written: a rejected push leaves no trace.
+        self.contents.check(manifest)
+        self._check_parent(manifest)
+        repo = self.repos.get_or_create(repo_name.namespace, repo_name.name)
+        self.repos.lock(repo.id)
+        # Re-check under the lock: an identical push may have committed since the first look.
+        again = self.versions.by_digest(repo.id, manifest.digest)
+        if again is not None:
+            return self._created(repo, again, created=False)
+        version = self._record(repo, manifest)
+        self.evals.add(version.id, evals or [])
+        return self._created(repo, (version, sum(f.size for f in manifest.files)), created=True)
+
+    def _existing(self, repo_name: RepoName, digest: str) -> VersionCreated | None:
+        repo = self.repos.get(repo_name.namespace, repo_name.name)
+        found = None if repo is None else self.versions.by_digest(repo.id, digest)
+        return None if repo is None or found is None else self._created(repo, found, created=False)
+
+    def _check_parent(self, manifest: Manifest) -> None:
+        if manifest.parent is None:
+            return
+        parent = self.versions.find_in_any_repo(manifest.parent)
+        if parent is None:
+            raise InvalidManifest(f"parent {manifest.parent} is not a version in this registry")
+        if parent.base_fingerprint != manifest.base.fingerprint:
+            raise InvalidManifest(
+                f"parent {manifest.parent} applies to base {parent.base_fingerprint}, "
+                f"not {manifest.base.fingerprint}"
+            )
+
+    def _record(self, repo: Repo, manifest: Manifest) -> Version:
+        version = Version(
+            repo_id=repo.id,
+            number=self.repos.allocate_version_number(repo.id),
+            digest=manifest.digest,
+            manifest=manifest.canonical_bytes().decode("utf-8"),
+            kind=manifest.kind,
+            base_fingerprint=manifest.base.fingerprint,
+            parent_digest=manifest.parent,
+        )
+        files = [VersionFile(path=f.path, blob_digest=f.digest, size=f.size) for f in manifest.files]
+        self.versions.add(version, files)
+        return version
+
+    # ---- reads
+
+    def list_repos(self, namespace: str | None) -> RepoList:
+        """All repos (of one namespace, if given), sorted by name."""
+        if namespace is not None:
+            validate_name_part(namespace, "namespace")
+        rows = self.repos.list_with_counts(namespace)
+        return RepoList(
+            repos=[
+                RepoSummary(name=repo.full_name, versions=count, latest=latest, created_at=repo.created_at)
+                for repo, count, latest in rows
+            ]
+        )
+
+    def show_repo(self, namespace: str, name: str) -> RepoDetail:
+        """A repo and its versions, newest first."""
+        repo = self._require_repo(RepoName.parse(f"{namespace}/{name}"))
+        versions = [_summary(repo, sized) for sized in self.versions.newest_first(repo.id)]
+        return RepoDetail(name=repo.full_name, created_at=repo.created_at, versions=versions)
+
+    def get_version(self, namespace: str, name: str, number: int) -> VersionOut:
+        """Version ``number`` of ``namespace/name``."""
+        return self.resolve(Reference(RepoName.parse(f"{namespace}/{name}"), version=number))
+
+    def resolve_text(self, text: str) -> VersionOut:
+        """The version a reference text (``ns/name``, ``:N``, ``@sha256:...``, ``@alias``) names."""
+        return self.resolve(Reference.parse(text))
+
+    def resolve(self, ref: Reference) -> VersionOut:
+        """The version a reference names (newest, by number, by manifest digest)."""
+        repo = self._require_repo(ref.repo)
+        if ref.alias is not None:
+            # Aliases arrive in a later release; until then none is defined.
+            raise AliasNotFound(f"alias {ref.alias!r} is not defined on {ref.repo}")
+        if ref.version is not None:
+            found = self.versions.by_number(repo.id, ref.version)
+            missing = f"{ref.repo} has no version {ref.version}"
+        elif ref.digest is not None:
+            found = self.versions.by_digest(repo.id, ref.digest)
+            missing = f"{ref.repo} has no version with manifest digest {ref.digest}"
+        else:
+            found = self.versions.latest(repo.id)
+            missing = f"{ref.repo} has no versions yet"
+        if found is None:
+            raise VersionNotFound(missing)
+        return self._full(repo, found)
+
+    def _full(self, repo: Repo, sized: SizedVersion) -> VersionOut:
+        version = sized[0]
+        evals = [
+            EvalOut(name=e.name, value=e.value, dataset=e.dataset, created_at=e.created_at)
+            for e in self.evals.for_version(version.id)
+        ]
+        return VersionOut(
+            **_summary(repo, sized).model_dump(), manifest=json.loads(version.manifest), evals=evals
+        )
+
+    def _created(self, repo: Repo, sized: SizedVersion, *, created: bool) -> VersionCreated:
+        return VersionCreated(**self._full(repo, sized).model_dump(), created=created)
+
+    def _require_repo(self, repo_name: RepoName) -> Repo:
+        repo = self.repos.get(repo_name.namespace, repo_name.name)
+        if repo is None:
+            raise RepoNotFound(f"repository {repo_name} does not exist")
+        return repo
+
+
+def _summary(repo: Repo, sized: SizedVersion) -> VersionSummary:
+    version, size = sized
+    return VersionSummary(
+        repo=repo.full_name,
+        number=version.number,
+        digest=version.digest,
+        kind=version.kind,
+        base_fingerprint=version.base_fingerprint,
+        parent=version.parent_digest,
+        created_at=version.created_at,
+        size=size,
+    )

@@ -1,0 +1,108 @@
+"""The embedded server as a real process: ``python -m deltareg.registry.serve``, and concurrent pushes."""
+
+from __future__ import annotations
+
+import re
+import selectors
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+STARTUP_GUARD_SECONDS = 120  # only stops a hung test; nothing is asserted about speed
+
+
+def _first_line(process: subprocess.Popen[str]) -> str:
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    if not selector.select(STARTUP_GUARD_SECONDS):
+        raise AssertionError("the server printed nothing")
+    return process.stdout.readline()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    data_dir = tmp_path / "served"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deltareg.registry.serve", "--port", "0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = _first_line(process)
+        match = re.fullmatch(
+            r"deltareg registry listening on (http://127\.0\.0\.1:(\d+)) \(data in (.+)\)\n", line
+        )
+        assert match, line
+        assert match.group(2) != "0"
+        assert Path(match.group(3)) == data_dir.resolve()
+        yield match.group(1), data_dir
+    finally:
+        process.terminate()
+        process.wait(timeout=STARTUP_GUARD_SECONDS)
+
+
+def _upload(http: httpx.Client, build, files: dict[str, bytes]) -> None:
+    for data in files.values():
+        response = http.put(f"/api/v1/blobs/{build.digest_of(data)}", content=data)
+        assert response.status_code in (200, 201), response.text
+
+
+def _push_all_at_once(base_url: str, repo: str, manifests: list[dict]) -> list[httpx.Response]:
+    barrier = threading.Barrier(len(manifests))
+    responses: list[httpx.Response | None] = [None] * len(manifests)
+
+    def push(index: int) -> None:
+        with httpx.Client(base_url=base_url) as http:
+            barrier.wait()
+            responses[index] = http.post(
+                f"/api/v1/repos/{repo}/versions", json={"manifest": manifests[index]}
+            )
+
+    threads = [threading.Thread(target=push, args=(i,)) for i in range(len(manifests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r is not None for r in responses)
+    return [r for r in responses if r is not None]
+
+
+def test_served_registry_answers_and_keeps_its_data_in_the_data_dir(server, build):
+    base_url, data_dir = server
+    with httpx.Client(base_url=base_url) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        files = build.lora_files()
+        _upload(http, build, files)
+        created = http.post("/api/v1/repos/acme/bot/versions", json={"manifest": build.manifest_for(files)})
+        assert created.status_code == 201
+    assert (data_dir / "registry.db").is_file()
+    assert len([p for p in (data_dir / "blobs" / "sha256").rglob("*") if p.is_file()]) == 2
+
+
+def test_concurrent_first_pushes_get_distinct_numbers(server, build):
+    base_url, _ = server
+    file_sets = [build.lora_files(seed) for seed in range(6)]
+    with httpx.Client(base_url=base_url) as http:
+        for files in file_sets:
+            _upload(http, build, files)
+    responses = _push_all_at_once(base_url, "acme/race", [build.manifest_for(f) for f in file_sets])
+    assert [r.status_code for r in responses] == [201] * 6, [r.text for r in responses]
+    assert sorted(r.json()["number"] for r in responses) == [1, 2, 3, 4, 5, 6]
+
+
+def test_concurrent_identical_pushes_make_one_version(server, build):
+    base_url, _ = server
+    files = build.lora_files()
+    with httpx.Client(base_url=base_url) as http:
+        _upload(http, build, files)
+    responses = _push_all_at_once(base_url, "acme/same", [build.manifest_for(files)] * 4)
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 201], [r.text for r in responses]
+    assert {r.json()["number"] for r in responses} == {1}
