@@ -1,10 +1,11 @@
 """The one error hierarchy of deltareg, shared by the server and the client.
 
-Every error carries a stable ``code`` (the wire identity), the HTTP ``status_code`` the server answers
-with, and the ``exit_code`` the CLI ends with. The server renders ``{"error": code, "detail": message}``;
-the client turns that body back into the same class in exactly one place (``error_from_response``).
+Every error carries a stable ``code`` (the wire identity) and the HTTP ``status_code`` the server
+answers with. The server renders ``{"error": code, "detail": message}``;
+the client turns that body back into the same class in exactly one place (``error_for``); the CLI maps
+classes to exit codes in one table (``deltareg.client.cli.EXIT_CODES``).
 
-    DeltaregError (500, exit 1)
+    DeltaregError (500)
     ├── InvalidInput (400)
     │   ├── InvalidName, InvalidReference, InvalidManifest, InvalidSafetensors,
     │   ├── InvalidAdapter, InvalidModel, UnsafeFile (pickles), MissingBlob
@@ -13,7 +14,7 @@ the client turns that body back into the same class in exactly one place (``erro
     │   ├── RepoNotFound, VersionNotFound, BlobNotFound, AliasNotFound
     ├── Conflict (409)
     ├── PayloadTooLarge (413)
-    ├── VerificationFailed (400, exit 3)
+    ├── VerificationFailed (400; the CLI exits 3)
     │   ├── DigestMismatch, BaseMismatch
     ├── ServiceUnavailable (503)
     └── ConnectionFailed (client only: the server could not be reached)
@@ -29,7 +30,6 @@ class DeltaregError(Exception):
 
     code: ClassVar[str] = "internal_error"
     status_code: ClassVar[int] = 500
-    exit_code: ClassVar[int] = 1
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -126,7 +126,6 @@ class VerificationFailed(DeltaregError):
 
     code = "verification_failed"
     status_code = 400
-    exit_code = 3
 
 
 class DigestMismatch(VerificationFailed):

@@ -1,0 +1,162 @@
+"""The commands of the CLI contract in DESIGN.md; each one parses, calls the library, and prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from deltareg.client.api import VersionInfo
+from deltareg.client.cli import cli
+from deltareg.client.cli._options import Session, parse_pairs, with_session
+from deltareg.client.fingerprint import fingerprint_path
+
+EXISTING_PATH = click.Path(exists=True, path_type=Path)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of the embedded default (SQLite + blob folder) [env var: DELTAREG_DATA_DIR].")
+@with_session
+def serve(session: Session, host: str, port: int, data_dir: Path | None) -> None:
+    """Run the registry server (embedded default: SQLite + a blob folder in DATA_DIR)."""
+    try:
+        from deltareg.registry.serve import run
+    except ImportError as exc:
+        raise click.UsageError(f"the server is not installed ({exc}); pip install 'deltareg[server]'") from exc
+    run(host=host, port=port, data_dir=str(data_dir) if data_dir else None)
+
+
+@cli.command("hash")
+@click.argument("model", type=EXISTING_PATH)
+@with_session
+def hash_(session: Session, model: Path) -> None:
+    """Print the base fingerprint of a model folder or safetensors file."""
+    fp = fingerprint_path(model)
+    session.emit({"model": str(model), "fingerprint": fp.value, "tensors": len(fp.tensors)}, fp.value)
+
+
+@cli.command()
+@click.argument("delta", type=EXISTING_PATH)
+@click.argument("repo")
+@click.option("--base", required=True, metavar="MODEL|FINGERPRINT",
+              help="Base model folder/file (checked and fingerprinted) or its tmv1: fingerprint.")
+@click.option("--base-name", default=None, help="Human name of the base model (e.g. its hub id).")
+@click.option("--base-revision", default=None, help="Revision of the base model.")
+@click.option("--parent", default=None, metavar="REF", help="The version this delta stacks on.")
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Training metadata (repeatable).")
+@with_session
+def push(session: Session, delta: Path, repo: str, base: str, base_name: str | None,
+         base_revision: str | None, parent: str | None, meta: tuple[str, ...]) -> None:
+    """Push a PEFT LoRA adapter folder DELTA as a new version of REPO (namespace/name)."""
+    result = session.registry.push(
+        delta, repo, base=base, parent=parent, metadata=parse_pairs(meta, "--meta"),
+        base_name=base_name, base_revision=base_revision,
+    )
+    v = result.version
+    if result.created:
+        human = f"pushed {v.ref} {v.digest} ({result.uploaded_blobs} blobs, {_size(result.uploaded_bytes)} uploaded)"
+    else:
+        human = f"{v.ref} already holds exactly this delta {v.digest} (nothing uploaded)"
+    session.emit({**v.summary(), "created": result.created, "uploaded_blobs": result.uploaded_blobs,
+                  "uploaded_bytes": result.uploaded_bytes}, human)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Copy the verified version to this folder (absent or empty).")
+@with_session
+def pull(session: Session, ref: str, output: Path | None) -> None:
+    """Download and verify REF; print the local folder (it loads with PeftModel.from_pretrained)."""
+    registry = session.registry
+    info = registry.resolve(ref)
+    cached = registry.cache.lookup(info.digest) is not None
+    pulled = registry.pull_version(info, output=output)
+    session.note(f"{info.ref} {info.digest} {'(cached)' if cached else '(downloaded and verified)'}")
+    session.emit({**info.summary(), "path": str(pulled.path), "cached": cached}, str(pulled.path))
+
+
+@cli.command()
+@click.argument("target", metavar="REF|DIR")
+@click.option("--base", type=EXISTING_PATH, default=None, help="Also check that MODEL is the delta's base.")
+@with_session
+def verify(session: Session, target: str, base: Path | None) -> None:
+    """Verify a pulled folder or a reference: file digests, manifest digest, and optionally the base."""
+    record = session.registry.verify(target, base=base)
+    files = len(record.manifest.files)
+    human = f"verified {record.repo}:{record.number} {record.digest}: {files} files" + (
+        f"; base {base} matches {record.manifest.base.fingerprint}" if base else "")
+    session.emit({"repo": record.repo, "number": record.number, "digest": record.digest, "files": files,
+                  "base_checked": base is not None, "verified": True}, human)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--base", required=True, type=EXISTING_PATH, help="The base model folder or safetensors file.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Merged model folder.")
+@click.option("--fast", is_flag=True,
+              help="Check only the touched base tensors' digests instead of the whole fingerprint.")
+@with_session
+def apply(session: Session, ref: str, base: Path, output: Path, fast: bool) -> None:
+    """Write BASE + delta REF to OUTPUT, file to file; refuses a base the delta was not made for."""
+    result = session.registry.apply(ref, base, output, verify="touched" if fast else "full")
+    session.emit({"ref": ref, "output": str(result.output), "tensors_changed": result.tensors_changed,
+                  "files": result.files_written}, str(result.output))
+
+
+@cli.command("list")
+@click.argument("namespace", required=False)
+@with_session
+def list_(session: Session, namespace: str | None) -> None:
+    """List repositories (optionally of one NAMESPACE)."""
+    repos = session.registry.list_repos(namespace)
+
+    def table() -> None:
+        if not repos:
+            click.echo("no repositories")
+        for r in repos:
+            latest = f":{r['latest']}" if r["latest"] else ""
+            click.echo(f"{r['name']}{latest}\t{r['versions']} versions\t{r['created_at']}")
+
+    session.emit({"repos": repos}, table)
+
+
+@cli.command()
+@click.argument("ref")
+@with_session
+def show(session: Session, ref: str) -> None:
+    """Show a version: digest, base, parent, files, parameters and metadata."""
+    info = session.registry.resolve(ref)
+    session.emit({**info.summary(), "manifest": info.manifest.to_json_obj()}, lambda: _print_version(info))
+
+
+def _print_version(info: VersionInfo) -> None:
+    m = info.manifest
+    base_name = f" ({m.base.name}{'@' + m.base.revision if m.base.revision else ''})" if m.base.name else ""
+    lines = [
+        f"{info.ref}  {info.digest}",
+        f"kind:     {info.kind}",
+        f"base:     {m.base.fingerprint}{base_name}",
+        f"parent:   {info.parent or '-'}",
+        f"created:  {info.created_at}",
+        "files:",
+        *(f"  {f.path}  {_size(f.size)}  {f.digest}" for f in m.files),
+    ]
+    modules: dict[str, Any] = m.params.get("modules", {})
+    if modules:
+        ranks = sorted({int(p["r"]) for p in modules.values()})
+        lines.append(f"lora:     {len(modules)} modules, r={','.join(map(str, ranks))}")
+    lines += [f"meta:     {k}={v}" for k, v in sorted(m.metadata.items())]
+    click.echo("\n".join(lines))

@@ -1,0 +1,215 @@
+"""`make demo`: the whole loop on the embedded default, with a tiny model built locally.
+
+Starts a registry (SQLite + blob folder) in a temporary folder, builds a tiny Llama-style model, trains a
+LoRA adapter with peft on a synthetic task, pushes it with its eval score, pulls, verifies and applies it,
+checks the merged model against the PEFT model, and shows that a different base is refused.
+Needs the ``torch`` and ``dev`` extras (transformers, peft). Run: ``python -m deltareg.client.demo``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+VOCAB, SEQ, SHIFT = 64, 16, 3
+
+
+def step(number: int, text: str) -> None:
+    print(f"\n[{number}] {text}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(data_dir: Path) -> Iterator[str]:
+    """A real registry process on loopback, stopped on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (data_dir.parent / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deltareg.registry.serve", "--port", str(port), "--data-dir", str(data_dir)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until_up(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the registry exited with code {proc.returncode}; see server.log")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the registry did not come up at {url} within {timeout:.0f}s")
+
+
+def build_base(folder: Path, seed: int) -> Any:
+    """A tiny random-init Llama saved as safetensors (no download)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def batch(generator: Any, size: int) -> tuple[Any, Any]:
+    """The synthetic task: after token t comes (t + SHIFT) mod VOCAB."""
+    import torch
+
+    start = torch.randint(0, VOCAB, (size, 1), generator=generator)
+    tokens = (start + SHIFT * torch.arange(SEQ)) % VOCAB
+    return tokens, tokens.clone()
+
+
+def accuracy(model: Any, tokens: Any) -> float:
+    import torch
+
+    with torch.no_grad():
+        predicted = model(input_ids=tokens).logits[:, :-1].argmax(-1)
+    return float((predicted == tokens[:, 1:]).float().mean())
+
+
+def train_lora(base: Any, steps: int = 120) -> tuple[Any, float, float]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    generator = torch.Generator().manual_seed(1)
+    held_out, _ = batch(generator, 256)
+    before = accuracy(base, held_out)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(base, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        tokens, labels = batch(generator, 32)
+        loss = model(input_ids=tokens, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model, before, accuracy(model, held_out)
+
+
+def cli(*args: str, env: dict[str, str]) -> str:
+    exe = Path(sys.executable).with_name("deltareg")
+    done = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, check=False)
+    shown = done.stdout.strip() or done.stderr.strip()
+    print("  $ deltareg " + " ".join(args) + f"   (exit {done.returncode})")
+    print("\n".join("    " + line for line in shown.splitlines()))
+    return done.stdout
+
+
+def quiet_libraries() -> None:
+    """Keep the demo's output to its own steps: no progress bars or deprecation chatter from libraries."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def main() -> int:
+    quiet_libraries()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deltareg.client import Registry
+    from deltareg.client.errors import BaseMismatch
+
+    work = Path(tempfile.mkdtemp(prefix="deltareg-demo-"))
+    env = {**os.environ, "DELTAREG_CACHE_DIR": str(work / "cache")}
+    os.environ["DELTAREG_CACHE_DIR"] = env["DELTAREG_CACHE_DIR"]
+    print(f"deltareg demo in {work}")
+    step(1, "start a registry on the embedded default (SQLite + blob folder)")
+    with running_server(work / "registry") as url:
+        env["DELTAREG_URL"] = url
+        print(f"  registry at {url}")
+        step(2, "build a tiny Llama-style base model locally (random init, no download)")
+        base = build_base(work / "base", seed=0)
+        print(f"  {sum(p.numel() for p in base.parameters()):,} parameters -> {work / 'base'}")
+        cli("hash", str(work / "base"), env=env)
+
+        step(3, f"train a LoRA adapter with peft: learn 'next token = token + {SHIFT}'")
+        peft_model, before, after = train_lora(base)
+        peft_model.save_pretrained(work / "adapter")
+        print(f"  held-out accuracy: {before:.3f} before, {after:.3f} after training")
+
+        step(4, "push the adapter against its base model, with its eval score")
+        with Registry(url) as reg:
+            pushed = reg.push(work / "adapter", "demo/shift-bot", base=work / "base",
+                              metadata={"task": f"shift-{SHIFT}", "eval.accuracy": round(after, 4)})
+            print(f"  pushed {pushed.version.ref} {pushed.version.digest}")
+            again = reg.push(work / "adapter", "demo/shift-bot", base=work / "base",
+                             metadata={"task": f"shift-{SHIFT}", "eval.accuracy": round(after, 4)})
+            print(f"  pushed again: same version {again.version.ref}, {again.uploaded_blobs} blobs uploaded")
+        cli("list", env=env)
+        cli("show", "demo/shift-bot:1", env=env)
+
+        step(5, "pull (download + verify every digest), verify, and apply file to file")
+        pulled_path = cli("pull", "demo/shift-bot:1", env=env).strip()
+        cli("verify", "demo/shift-bot:1", "--base", str(work / "base"), env=env)
+        cli("apply", "demo/shift-bot:1", "--base", str(work / "base"), "-o", str(work / "merged"), env=env)
+
+        step(6, "the merged model's outputs equal the PEFT model's outputs")
+        merged = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
+        tokens, _ = batch(torch.Generator().manual_seed(7), 64)
+        with torch.no_grad():
+            diff = (merged(input_ids=tokens).logits - peft_model(input_ids=tokens).logits).abs().max().item()
+        same = bool((merged(input_ids=tokens).logits.argmax(-1) == peft_model(input_ids=tokens).logits.argmax(-1)).all())
+        print(f"  max |logits difference| = {diff:.2e}; identical predictions: {same}")
+        print(f"  merged model accuracy: {accuracy(merged, tokens):.3f}")
+        print(f"  PeftModel.from_pretrained loads the pulled folder {pulled_path} unchanged")
+
+        step(7, "applying to a different base is refused, and nothing is written")
+        build_base(work / "other-base", seed=1)
+        cli("apply", "demo/shift-bot:1", "--base", str(work / "other-base"), "-o", str(work / "wrong"), env=env)
+        with Registry(url) as reg:
+            try:
+                reg.pull("demo/shift-bot:1").apply(build_base(work / "other-base-2", seed=1))
+                print("  UNEXPECTED: the wrong base was accepted")
+                return 1
+            except BaseMismatch:
+                print("  in memory too: BaseMismatch, the model is untouched")
+        print(f"  output folder created: {(work / 'wrong').exists()}")
+    ok = diff < 1e-4 and same and not (work / "wrong").exists()
+    print(f"\ndemo {'succeeded' if ok else 'FAILED'}; files kept in {work}")
+    if ok:
+        shutil.rmtree(work / "other-base-2", ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

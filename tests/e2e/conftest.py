@@ -1,0 +1,80 @@
+"""End-to-end fixtures: a real registry process (uvicorn) on loopback and the real `deltareg` CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+DELTAREG = str(Path(sys.executable).with_name("deltareg"))
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+
+    def blob_files(self) -> list[Path]:
+        return sorted(p for p in (self.data_dir / "blobs").rglob("*") if p.is_file() and "tmp" not in p.parts)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"registry exited early with code {proc.returncode}"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"registry did not come up at {url}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("registry")
+    port = _free_port()
+    log = (data_dir.parent / f"server-{port}.log").open("wb")
+    proc = subprocess.Popen([DELTAREG, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(url, proc)
+        yield Server(url=url, data_dir=data_dir)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
+
+
+@dataclass
+class Cli:
+    env: dict[str, str]
+    cache_dir: Path
+
+    def __call__(self, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([DELTAREG, *map(str, args)], env=self.env, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+
+@pytest.fixture
+def cli(server: Server, tmp_path: Path) -> Cli:
+    """The real CLI, pointed at the module's server, with a cache of its own."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "DELTAREG_URL": server.url, "DELTAREG_CACHE_DIR": str(cache)}
+    env.pop("DELTAREG_DEBUG", None)
+    return Cli(env=env, cache_dir=cache)
