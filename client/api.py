@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class VersionInfo:
     created_at: str
     size: int
     manifest: Manifest
+    evals: tuple[dict[str, Any], ...] = ()
 
     @property
     def ref(self) -> str:
@@ -64,12 +66,13 @@ class VersionInfo:
             repo=data["repo"], number=data["number"], digest=data["digest"], kind=data["kind"],
             base_fingerprint=data["base_fingerprint"], parent=data.get("parent"),
             created_at=data["created_at"], size=data["size"], manifest=manifest,
+            evals=tuple(data.get("evals", ())),
         )
 
     def summary(self) -> dict[str, Any]:
         return {"repo": self.repo, "number": self.number, "digest": self.digest, "kind": self.kind,
                 "base_fingerprint": self.base_fingerprint, "parent": self.parent,
-                "created_at": self.created_at, "size": self.size}
+                "created_at": self.created_at, "size": self.size, "evals": list(self.evals)}
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,15 @@ class PulledDelta:
         verify_folder(self.path)
         if base is not None:
             check_base_fingerprint(self.manifest, fingerprint_path(base))
+
+
+def _eval_list(evals: Mapping[str, float] | None) -> list[dict[str, Any]]:
+    items = []
+    for name, value in (evals or {}).items():
+        if not math.isfinite(float(value)):
+            raise InvalidInput(f"eval {name}: {value} is not a finite number")
+        items.append({"name": name, "value": float(value)})
+    return items
 
 
 def check_base_fingerprint(manifest: Manifest, base: ModelFingerprint) -> None:
@@ -174,8 +186,9 @@ class Registry:
     # -- push ----------------------------------------------------------------------------------
 
     def push(self, delta: str | os.PathLike[str], repo: str, *, base: str | os.PathLike[str],
-             parent: str | None = None, metadata: Mapping[str, Any] | None = None,
-             base_name: str | None = None, base_revision: str | None = None) -> PushResult:
+             parent: str | None = None, evals: Mapping[str, float] | None = None,
+             metadata: Mapping[str, Any] | None = None, base_name: str | None = None,
+             base_revision: str | None = None) -> PushResult:
         """Push a PEFT LoRA adapter folder as a new version of ``repo``.
 
         Args:
@@ -185,6 +198,7 @@ class Registry:
                 every target tensor is checked (name and shape) and the touched tensors' digests are
                 recorded so that a fast apply can check just those.
             parent: a reference to the version this delta stacks on.
+            evals: scores to record with the new version (metric name -> finite value).
             metadata: free-form training metadata (datasets, code commit, hyperparameters).
 
         Raises:
@@ -201,7 +215,7 @@ class Registry:
         )
         uploaded, uploaded_bytes = self._upload_missing(adapter.folder, files)
         body = request_json(self._http, "POST", f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions",
-                            json={"manifest": manifest.to_json_obj()})
+                            json={"manifest": manifest.to_json_obj(), "evals": _eval_list(evals)})
         return PushResult(VersionInfo.from_json(body), bool(body.get("created")), uploaded, uploaded_bytes)
 
     def _base_ref(self, base: str | os.PathLike[str], targets: Any, name: str | None,

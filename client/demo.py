@@ -170,10 +170,10 @@ def main() -> int:
         step(4, "push the adapter against its base model, with its eval score")
         with Registry(url) as reg:
             pushed = reg.push(work / "adapter", "demo/shift-bot", base=work / "base",
-                              metadata={"task": f"shift-{SHIFT}", "eval.accuracy": round(after, 4)})
+                              evals={"accuracy": after}, metadata={"task": f"shift-{SHIFT}"})
             print(f"  pushed {pushed.version.ref} {pushed.version.digest}")
             again = reg.push(work / "adapter", "demo/shift-bot", base=work / "base",
-                             metadata={"task": f"shift-{SHIFT}", "eval.accuracy": round(after, 4)})
+                             evals={"accuracy": after}, metadata={"task": f"shift-{SHIFT}"})
             print(f"  pushed again: same version {again.version.ref}, {again.uploaded_blobs} blobs uploaded")
         cli("list", env=env)
         cli("show", "demo/shift-bot:1", env=env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -75,3 +76,17 @@ def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=what)
         result[key] = value
     return result
+
+
+def parse_scores(pairs: tuple[str, ...]) -> dict[str, float]:
+    """``NAME=VALUE`` scores; the value must be a finite number."""
+    scores: dict[str, float] = {}
+    for name, text in parse_pairs(pairs, "--eval").items():
+        try:
+            value = float(text)
+        except ValueError:
+            raise click.BadParameter(f"{name}: {text!r} is not a number", param_hint="--eval") from None
+        if not math.isfinite(value):
+            raise click.BadParameter(f"{name}: {text!r} is not a finite number", param_hint="--eval")
+        scores[name] = value
+    return scores

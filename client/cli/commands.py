@@ -9,7 +9,7 @@ import click
 
 from deltareg.client.api import VersionInfo
 from deltareg.client.cli import cli
-from deltareg.client.cli._options import Session, parse_pairs, with_session
+from deltareg.client.cli._options import Session, parse_pairs, parse_scores, with_session
 from deltareg.client.fingerprint import fingerprint_path
 
 EXISTING_PATH = click.Path(exists=True, path_type=Path)
@@ -55,13 +55,14 @@ def hash_(session: Session, model: Path) -> None:
 @click.option("--base-name", default=None, help="Human name of the base model (e.g. its hub id).")
 @click.option("--base-revision", default=None, help="Revision of the base model.")
 @click.option("--parent", default=None, metavar="REF", help="The version this delta stacks on.")
+@click.option("--eval", "evals", multiple=True, metavar="NAME=VALUE", help="A score to record (repeatable).")
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Training metadata (repeatable).")
 @with_session
 def push(session: Session, delta: Path, repo: str, base: str, base_name: str | None,
-         base_revision: str | None, parent: str | None, meta: tuple[str, ...]) -> None:
+         base_revision: str | None, parent: str | None, evals: tuple[str, ...], meta: tuple[str, ...]) -> None:
     """Push a PEFT LoRA adapter folder DELTA as a new version of REPO (namespace/name)."""
     result = session.registry.push(
-        delta, repo, base=base, parent=parent, metadata=parse_pairs(meta, "--meta"),
+        delta, repo, base=base, parent=parent, evals=parse_scores(evals), metadata=parse_pairs(meta, "--meta"),
         base_name=base_name, base_revision=base_revision,
     )
     v = result.version
@@ -158,5 +159,7 @@ def _print_version(info: VersionInfo) -> None:
     if modules:
         ranks = sorted({int(p["r"]) for p in modules.values()})
         lines.append(f"lora:     {len(modules)} modules, r={','.join(map(str, ranks))}")
+    lines += [f"eval:     {e['name']}={e['value']}" + (f" ({e['dataset']})" if e.get("dataset") else "")
+              for e in info.evals]
     lines += [f"meta:     {k}={v}" for k, v in sorted(m.metadata.items())]
     click.echo("\n".join(lines))
