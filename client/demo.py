@@ -9,7 +9,6 @@ Needs the ``torch`` and ``dev`` extras (transformers, peft). Run: ``python -m de
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -91,6 +90,13 @@ def batch(generator: Any, size: int) -> tuple[Any, Any]:
     return tokens, tokens.clone()
 
 
+def logits(model: Any, tokens: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
 def accuracy(model: Any, tokens: Any) -> float:
     import torch
 
@@ -144,11 +150,13 @@ def quiet_libraries() -> None:
 def main() -> int:
     quiet_libraries()
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from deltareg.client import Registry
     from deltareg.client.errors import BaseMismatch
 
+    ok = True
     work = Path(tempfile.mkdtemp(prefix="deltareg-demo-"))
     env = {**os.environ, "DELTAREG_CACHE_DIR": str(work / "cache")}
     os.environ["DELTAREG_CACHE_DIR"] = env["DELTAREG_CACHE_DIR"]
@@ -184,30 +192,35 @@ def main() -> int:
         cli("apply", "demo/shift-bot:1", "--base", str(work / "base"), "-o", str(work / "merged"), env=env)
 
         step(6, "the merged model's outputs equal the PEFT model's outputs")
-        merged = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
         tokens, _ = batch(torch.Generator().manual_seed(7), 64)
-        with torch.no_grad():
-            diff = (merged(input_ids=tokens).logits - peft_model(input_ids=tokens).logits).abs().max().item()
-        same = bool((merged(input_ids=tokens).logits.argmax(-1) == peft_model(input_ids=tokens).logits.argmax(-1)).all())
-        print(f"  max |logits difference| = {diff:.2e}; identical predictions: {same}")
+        merged = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "base"), pulled_path)
+        expected = logits(peft_model, tokens)
+        diffs = {"merged model": logits(merged, tokens), "pulled folder in PeftModel": logits(reloaded.eval(), tokens)}
+        for label, got in diffs.items():
+            diff = (got - expected).abs().max().item()
+            same = bool((got.argmax(-1) == expected.argmax(-1)).all())
+            print(f"  {label}: max |logits difference| = {diff:.2e}; identical predictions: {same}")
+            ok = ok and diff < 1e-4 and same
         print(f"  merged model accuracy: {accuracy(merged, tokens):.3f}")
-        print(f"  PeftModel.from_pretrained loads the pulled folder {pulled_path} unchanged")
 
         step(7, "applying to a different base is refused, and nothing is written")
         build_base(work / "other-base", seed=1)
         cli("apply", "demo/shift-bot:1", "--base", str(work / "other-base"), "-o", str(work / "wrong"), env=env)
+        other = build_base(work / "other-base-2", seed=1)
+        before = {name: tensor.clone() for name, tensor in other.state_dict().items()}
         with Registry(url) as reg:
             try:
-                reg.pull("demo/shift-bot:1").apply(build_base(work / "other-base-2", seed=1))
+                reg.pull("demo/shift-bot:1").apply(other)
                 print("  UNEXPECTED: the wrong base was accepted")
-                return 1
-            except BaseMismatch:
-                print("  in memory too: BaseMismatch, the model is untouched")
+                ok = False
+            except BaseMismatch as exc:
+                untouched = all(torch.equal(before[n], t) for n, t in other.state_dict().items())
+                print(f"  in memory too: {type(exc).__name__}; model untouched: {untouched}")
+                ok = ok and untouched
         print(f"  output folder created: {(work / 'wrong').exists()}")
-    ok = diff < 1e-4 and same and not (work / "wrong").exists()
+    ok = ok and not (work / "wrong").exists()
     print(f"\ndemo {'succeeded' if ok else 'FAILED'}; files kept in {work}")
-    if ok:
-        shutil.rmtree(work / "other-base-2", ignore_errors=True)
     return 0 if ok else 1
 
 

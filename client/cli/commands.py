@@ -129,7 +129,8 @@ def list_(session: Session, namespace: str | None) -> None:
             click.echo("no repositories")
         for r in repos:
             latest = f":{r['latest']}" if r["latest"] else ""
-            click.echo(f"{r['name']}{latest}\t{r['versions']} versions\t{r['created_at']}")
+            count = f"{r['versions']} version{'s' if r['versions'] != 1 else ''}"
+            click.echo(f"{r['name']}{latest}\t{count}\t{r['created_at']}")
 
     session.emit({"repos": repos}, table)
 
