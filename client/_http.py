@@ -44,7 +44,9 @@ def translate_transport_errors(url: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise ConnectionFailed(f"the registry at {url} did not answer in time ({type(exc).__name__})") from exc
+        raise ConnectionFailed(
+            f"the registry at {url} did not answer in time ({type(exc).__name__})"
+        ) from exc
     except httpx.TransportError as exc:
         raise ConnectionFailed(f"cannot reach the registry at {url}: {exc}") from exc
 

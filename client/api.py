@@ -63,16 +63,30 @@ class VersionInfo:
                 f"not to its recorded digest {data['digest']}"
             )
         return cls(
-            repo=data["repo"], number=data["number"], digest=data["digest"], kind=data["kind"],
-            base_fingerprint=data["base_fingerprint"], parent=data.get("parent"),
-            created_at=data["created_at"], size=data["size"], manifest=manifest,
+            repo=data["repo"],
+            number=data["number"],
+            digest=data["digest"],
+            kind=data["kind"],
+            base_fingerprint=data["base_fingerprint"],
+            parent=data.get("parent"),
+            created_at=data["created_at"],
+            size=data["size"],
+            manifest=manifest,
             evals=tuple(data.get("evals", ())),
         )
 
     def summary(self) -> dict[str, Any]:
-        return {"repo": self.repo, "number": self.number, "digest": self.digest, "kind": self.kind,
-                "base_fingerprint": self.base_fingerprint, "parent": self.parent,
-                "created_at": self.created_at, "size": self.size, "evals": list(self.evals)}
+        return {
+            "repo": self.repo,
+            "number": self.number,
+            "digest": self.digest,
+            "kind": self.kind,
+            "base_fingerprint": self.base_fingerprint,
+            "parent": self.parent,
+            "created_at": self.created_at,
+            "size": self.size,
+            "evals": list(self.evals),
+        }
 
 
 @dataclass(frozen=True)
@@ -96,17 +110,18 @@ class PulledDelta:
 
     def apply(self, model: torch.nn.Module | dict[str, torch.Tensor], *, verify: VerifyMode = "full") -> None:
         """Apply in place to a torch module or state dict; the base is checked before anything changes."""
-        from deltareg.client.apply import apply_to_module, apply_to_state_dict
-
         import torch
+
+        from deltareg.client.apply import apply_to_module, apply_to_state_dict
 
         if isinstance(model, torch.nn.Module):
             apply_to_module(model, self.path, self.manifest, verify=verify)
         else:
             apply_to_state_dict(model, self.path, self.manifest, verify=verify)
 
-    def apply_files(self, base: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                    verify: VerifyMode = "full") -> ApplyResult:
+    def apply_files(
+        self, base: str | os.PathLike[str], output: str | os.PathLike[str], *, verify: VerifyMode = "full"
+    ) -> ApplyResult:
         """Write base + delta to ``output`` file to file; nothing is written if the base does not match."""
         from deltareg.client.apply import apply_files
 
@@ -147,8 +162,14 @@ class Registry:
         http: an httpx client to use instead of a new one (its base URL must be the registry).
     """
 
-    def __init__(self, url: str | None = None, token: str | None = None, *,
-                 cache_dir: str | os.PathLike[str] | None = None, http: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
         self.url = config.registry_url(url)
         self._http = http or make_client(self.url, config.registry_token(token))
         root = config.cache_dir(cache_dir)
@@ -169,8 +190,9 @@ class Registry:
     def resolve(self, ref: str | Reference) -> VersionInfo:
         """Resolve ``ns/name``, ``ns/name:N``, ``ns/name@alias`` or ``ns/name@sha256:…`` to a version."""
         reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
-        info = VersionInfo.from_json(request_json(self._http, "GET", "/api/v1/resolve",
-                                                  params={"ref": str(reference)}))
+        info = VersionInfo.from_json(
+            request_json(self._http, "GET", "/api/v1/resolve", params={"ref": str(reference)})
+        )
         if reference.digest is not None and info.digest != reference.digest:
             raise DigestMismatch(f"asked for {reference.digest}, the registry answered with {info.digest}")
         return info
@@ -185,10 +207,18 @@ class Registry:
 
     # -- push ----------------------------------------------------------------------------------
 
-    def push(self, delta: str | os.PathLike[str], repo: str, *, base: str | os.PathLike[str],
-             parent: str | None = None, evals: Mapping[str, float] | None = None,
-             metadata: Mapping[str, Any] | None = None, base_name: str | None = None,
-             base_revision: str | None = None) -> PushResult:
+    def push(
+        self,
+        delta: str | os.PathLike[str],
+        repo: str,
+        *,
+        base: str | os.PathLike[str],
+        parent: str | None = None,
+        evals: Mapping[str, float] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        base_name: str | None = None,
+        base_revision: str | None = None,
+    ) -> PushResult:
         """Push a PEFT LoRA adapter folder as a new version of ``repo``.
 
         Args:
@@ -210,16 +240,25 @@ class Registry:
         base_ref = self._base_ref(base, adapter.targets, base_name, base_revision)
         files = self._describe_files(adapter.folder, adapter.files)
         manifest = Manifest(
-            kind="lora", files=files, base=base_ref, params=adapter.params(),
-            parent=self.resolve(parent).digest if parent else None, metadata=dict(metadata or {}),
+            kind="lora",
+            files=files,
+            base=base_ref,
+            params=adapter.params(),
+            parent=self.resolve(parent).digest if parent else None,
+            metadata=dict(metadata or {}),
         )
         uploaded, uploaded_bytes = self._upload_missing(adapter.folder, files)
-        body = request_json(self._http, "POST", f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions",
-                            json={"manifest": manifest.to_json_obj(), "evals": _eval_list(evals)})
+        body = request_json(
+            self._http,
+            "POST",
+            f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions",
+            json={"manifest": manifest.to_json_obj(), "evals": _eval_list(evals)},
+        )
         return PushResult(VersionInfo.from_json(body), bool(body.get("created")), uploaded, uploaded_bytes)
 
-    def _base_ref(self, base: str | os.PathLike[str], targets: Any, name: str | None,
-                  revision: str | None) -> BaseModelRef:
+    def _base_ref(
+        self, base: str | os.PathLike[str], targets: Any, name: str | None, revision: str | None
+    ) -> BaseModelRef:
         text = os.fspath(base)
         if is_fingerprint(text) and not Path(text).exists():
             return BaseModelRef(fingerprint=text, name=name, revision=revision)
@@ -277,7 +316,9 @@ class Registry:
 
         return fetch
 
-    def verify(self, target: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None) -> VersionRecord:
+    def verify(
+        self, target: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None
+    ) -> VersionRecord:
         """Verify a pulled folder, or a reference (pulled first), and optionally the base model.
 
         Raises:
@@ -293,8 +334,14 @@ class Registry:
             check_base_fingerprint(record.manifest, fingerprint_path(base, cache=self.fingerprints))
         return record
 
-    def apply(self, ref: str, base: str | os.PathLike[str], output: str | os.PathLike[str], *,
-              verify: VerifyMode = "full") -> ApplyResult:
+    def apply(
+        self,
+        ref: str,
+        base: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        *,
+        verify: VerifyMode = "full",
+    ) -> ApplyResult:
         """Pull ``ref`` and write base + delta to ``output`` (nothing is written on a wrong base)."""
         out = Path(output)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):

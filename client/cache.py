@@ -33,8 +33,12 @@ class VersionRecord:
     manifest: Manifest
 
     def to_json(self) -> dict[str, Any]:
-        return {"repo": self.repo, "number": self.number, "digest": self.digest,
-                "manifest": self.manifest.to_json_obj()}
+        return {
+            "repo": self.repo,
+            "number": self.number,
+            "digest": self.digest,
+            "manifest": self.manifest.to_json_obj(),
+        }
 
     @classmethod
     def read(cls, folder: Path) -> VersionRecord:
@@ -43,8 +47,12 @@ class VersionRecord:
             raise InvalidInput(f"{folder} is not a pulled deltareg version (no {RECORD_NAME})")
         try:
             data = json.loads(path.read_text())
-            return cls(repo=str(data["repo"]), number=int(data["number"]), digest=str(data["digest"]),
-                       manifest=Manifest.parse(data["manifest"]))
+            return cls(
+                repo=str(data["repo"]),
+                number=int(data["number"]),
+                digest=str(data["digest"]),
+                manifest=Manifest.parse(data["manifest"]),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidInput(f"{path} is damaged: {exc}") from exc
 

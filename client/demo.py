@@ -42,7 +42,8 @@ def running_server(data_dir: Path) -> Iterator[str]:
     log = (data_dir.parent / "server.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "deltareg.registry.serve", "--port", str(port), "--data-dir", str(data_dir)],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_until_up(url, proc)
@@ -73,10 +74,18 @@ def build_base(folder: Path, seed: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    model: Any = LlamaForCausalLM(config)
+    model.eval()
     model.save_pretrained(folder)
     return model
 
@@ -112,8 +121,12 @@ def train_lora(base: Any, steps: int = 120) -> tuple[Any, float, float]:
     generator = torch.Generator().manual_seed(1)
     held_out, _ = batch(generator, 256)
     before = accuracy(base, held_out)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = get_peft_model(base, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
@@ -177,11 +190,21 @@ def main() -> int:
 
         step(4, "push the adapter against its base model, with its eval score")
         with Registry(url) as reg:
-            pushed = reg.push(work / "adapter", "demo/shift-bot", base=work / "base",
-                              evals={"accuracy": after}, metadata={"task": f"shift-{SHIFT}"})
+            pushed = reg.push(
+                work / "adapter",
+                "demo/shift-bot",
+                base=work / "base",
+                evals={"accuracy": after},
+                metadata={"task": f"shift-{SHIFT}"},
+            )
             print(f"  pushed {pushed.version.ref} {pushed.version.digest}")
-            again = reg.push(work / "adapter", "demo/shift-bot", base=work / "base",
-                             evals={"accuracy": after}, metadata={"task": f"shift-{SHIFT}"})
+            again = reg.push(
+                work / "adapter",
+                "demo/shift-bot",
+                base=work / "base",
+                evals={"accuracy": after},
+                metadata={"task": f"shift-{SHIFT}"},
+            )
             print(f"  pushed again: same version {again.version.ref}, {again.uploaded_blobs} blobs uploaded")
         cli("list", env=env)
         cli("show", "demo/shift-bot:1", env=env)
@@ -193,10 +216,14 @@ def main() -> int:
 
         step(6, "the merged model's outputs equal the PEFT model's outputs")
         tokens, _ = batch(torch.Generator().manual_seed(7), 64)
-        merged = AutoModelForCausalLM.from_pretrained(work / "merged").eval()
+        merged: Any = AutoModelForCausalLM.from_pretrained(work / "merged")
+        merged.eval()
         reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "base"), pulled_path)
         expected = logits(peft_model, tokens)
-        diffs = {"merged model": logits(merged, tokens), "pulled folder in PeftModel": logits(reloaded.eval(), tokens)}
+        diffs = {
+            "merged model": logits(merged, tokens),
+            "pulled folder in PeftModel": logits(reloaded.eval(), tokens),
+        }
         for label, got in diffs.items():
             diff = (got - expected).abs().max().item()
             same = bool((got.argmax(-1) == expected.argmax(-1)).all())
@@ -206,16 +233,24 @@ def main() -> int:
 
         step(7, "applying to a different base is refused, and nothing is written")
         build_base(work / "other-base", seed=1)
-        cli("apply", "demo/shift-bot:1", "--base", str(work / "other-base"), "-o", str(work / "wrong"), env=env)
+        cli(
+            "apply",
+            "demo/shift-bot:1",
+            "--base",
+            str(work / "other-base"),
+            "-o",
+            str(work / "wrong"),
+            env=env,
+        )
         other = build_base(work / "other-base-2", seed=1)
-        before = {name: tensor.clone() for name, tensor in other.state_dict().items()}
+        pristine = {name: tensor.clone() for name, tensor in other.state_dict().items()}
         with Registry(url) as reg:
             try:
                 reg.pull("demo/shift-bot:1").apply(other)
                 print("  UNEXPECTED: the wrong base was accepted")
                 ok = False
             except BaseMismatch as exc:
-                untouched = all(torch.equal(before[n], t) for n, t in other.state_dict().items())
+                untouched = all(torch.equal(pristine[n], t) for n, t in other.state_dict().items())
                 print(f"  in memory too: {type(exc).__name__}; model untouched: {untouched}")
                 ok = ok and untouched
         print(f"  output folder created: {(work / 'wrong').exists()}")

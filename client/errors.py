@@ -154,9 +154,8 @@ def _all_subclasses(cls: type[DeltaregError]) -> list[type[DeltaregError]]:
     return found
 
 
-ERRORS_BY_CODE: dict[str, type[DeltaregError]] = {
-    cls.code: cls for cls in [DeltaregError, *_all_subclasses(DeltaregError)]
-}
+_ALL_ERRORS: list[type[DeltaregError]] = [DeltaregError, *_all_subclasses(DeltaregError)]
+ERRORS_BY_CODE: dict[str, type[DeltaregError]] = {cls.code: cls for cls in _ALL_ERRORS}
 
 
 def error_for(code: str, status_code: int, message: str) -> DeltaregError:

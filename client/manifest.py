@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import rfc8785
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deltareg.client.errors import InvalidManifest
 
-SCHEMA = "deltareg.manifest.v1"
+SCHEMA: Final = "deltareg.manifest.v1"
 MAX_FILES = 256
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: a sanity bound; the server enforces its own, lower, limit
 MAX_PATH_LENGTH = 255

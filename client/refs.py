@@ -1,4 +1,7 @@
-"""Repository names and references: ``ns/name``, ``ns/name:7``, ``ns/name@alias``, ``ns/name@sha256:<hex>``."""
+"""Repository names and references.
+
+``ns/name`` (newest), ``ns/name:7``, ``ns/name@alias``, ``ns/name@sha256:<hex>``.
+"""
 
 from __future__ import annotations
 

@@ -50,10 +50,21 @@ class Session:
 def with_session(command: F) -> F:
     """Add --url, --token and --json to a command and pass it a Session as first argument."""
 
-    @click.option("--url", envvar="DELTAREG_URL", default=DEFAULT_URL, show_default=True, metavar="URL",
-                  help="Registry URL [env var: DELTAREG_URL].")
-    @click.option("--token", envvar="DELTAREG_TOKEN", default=None, metavar="TOKEN",
-                  help="API token [env var: DELTAREG_TOKEN].")
+    @click.option(
+        "--url",
+        envvar="DELTAREG_URL",
+        default=DEFAULT_URL,
+        show_default=True,
+        metavar="URL",
+        help="Registry URL [env var: DELTAREG_URL].",
+    )
+    @click.option(
+        "--token",
+        envvar="DELTAREG_TOKEN",
+        default=None,
+        metavar="TOKEN",
+        help="API token [env var: DELTAREG_TOKEN].",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
     @functools.wraps(command)
     def wrapper(url: str, token: str | None, as_json: bool, **kwargs: Any) -> Any:

@@ -26,15 +26,21 @@ def _size(n: int) -> str:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of the embedded default (SQLite + blob folder) [env var: DELTAREG_DATA_DIR].")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the embedded default (SQLite + blob folder) [env var: DELTAREG_DATA_DIR].",
+)
 @with_session
 def serve(session: Session, host: str, port: int, data_dir: Path | None) -> None:
     """Run the registry server (embedded default: SQLite + a blob folder in DATA_DIR)."""
     try:
         from deltareg.registry.serve import run
     except ImportError as exc:
-        raise click.UsageError(f"the server is not installed ({exc}); pip install 'deltareg[server]'") from exc
+        raise click.UsageError(
+            f"the server is not installed ({exc}); pip install 'deltareg[server]'"
+        ) from exc
     run(host=host, port=port, data_dir=str(data_dir) if data_dir else None)
 
 
@@ -50,34 +56,66 @@ def hash_(session: Session, model: Path) -> None:
 @cli.command()
 @click.argument("delta", type=EXISTING_PATH)
 @click.argument("repo")
-@click.option("--base", required=True, metavar="MODEL|FINGERPRINT",
-              help="Base model folder/file (checked and fingerprinted) or its tmv1: fingerprint.")
+@click.option(
+    "--base",
+    required=True,
+    metavar="MODEL|FINGERPRINT",
+    help="Base model folder/file (checked and fingerprinted) or its tmv1: fingerprint.",
+)
 @click.option("--base-name", default=None, help="Human name of the base model (e.g. its hub id).")
 @click.option("--base-revision", default=None, help="Revision of the base model.")
 @click.option("--parent", default=None, metavar="REF", help="The version this delta stacks on.")
 @click.option("--eval", "evals", multiple=True, metavar="NAME=VALUE", help="A score to record (repeatable).")
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Training metadata (repeatable).")
 @with_session
-def push(session: Session, delta: Path, repo: str, base: str, base_name: str | None,
-         base_revision: str | None, parent: str | None, evals: tuple[str, ...], meta: tuple[str, ...]) -> None:
+def push(
+    session: Session,
+    delta: Path,
+    repo: str,
+    base: str,
+    base_name: str | None,
+    base_revision: str | None,
+    parent: str | None,
+    evals: tuple[str, ...],
+    meta: tuple[str, ...],
+) -> None:
     """Push a PEFT LoRA adapter folder DELTA as a new version of REPO (namespace/name)."""
     result = session.registry.push(
-        delta, repo, base=base, parent=parent, evals=parse_scores(evals), metadata=parse_pairs(meta, "--meta"),
-        base_name=base_name, base_revision=base_revision,
+        delta,
+        repo,
+        base=base,
+        parent=parent,
+        evals=parse_scores(evals),
+        metadata=parse_pairs(meta, "--meta"),
+        base_name=base_name,
+        base_revision=base_revision,
     )
     v = result.version
     if result.created:
-        human = f"pushed {v.ref} {v.digest} ({result.uploaded_blobs} blobs, {_size(result.uploaded_bytes)} uploaded)"
+        uploaded = f"{result.uploaded_blobs} blobs, {_size(result.uploaded_bytes)} uploaded"
+        human = f"pushed {v.ref} {v.digest} ({uploaded})"
     else:
         human = f"{v.ref} already holds exactly this delta {v.digest} (nothing uploaded)"
-    session.emit({**v.summary(), "created": result.created, "uploaded_blobs": result.uploaded_blobs,
-                  "uploaded_bytes": result.uploaded_bytes}, human)
+    session.emit(
+        {
+            **v.summary(),
+            "created": result.created,
+            "uploaded_blobs": result.uploaded_blobs,
+            "uploaded_bytes": result.uploaded_bytes,
+        },
+        human,
+    )
 
 
 @cli.command()
 @click.argument("ref")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Copy the verified version to this folder (absent or empty).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Copy the verified version to this folder (absent or empty).",
+)
 @with_session
 def pull(session: Session, ref: str, output: Path | None) -> None:
     """Download and verify REF; print the local folder (it loads with PeftModel.from_pretrained)."""
@@ -98,23 +136,43 @@ def verify(session: Session, target: str, base: Path | None) -> None:
     record = session.registry.verify(target, base=base)
     files = len(record.manifest.files)
     human = f"verified {record.repo}:{record.number} {record.digest}: {files} files" + (
-        f"; base {base} matches {record.manifest.base.fingerprint}" if base else "")
-    session.emit({"repo": record.repo, "number": record.number, "digest": record.digest, "files": files,
-                  "base_checked": base is not None, "verified": True}, human)
+        f"; base {base} matches {record.manifest.base.fingerprint}" if base else ""
+    )
+    session.emit(
+        {
+            "repo": record.repo,
+            "number": record.number,
+            "digest": record.digest,
+            "files": files,
+            "base_checked": base is not None,
+            "verified": True,
+        },
+        human,
+    )
 
 
 @cli.command()
 @click.argument("ref")
 @click.option("--base", required=True, type=EXISTING_PATH, help="The base model folder or safetensors file.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Merged model folder.")
-@click.option("--fast", is_flag=True,
-              help="Check only the touched base tensors' digests instead of the whole fingerprint.")
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Check only the touched base tensors' digests instead of the whole fingerprint.",
+)
 @with_session
 def apply(session: Session, ref: str, base: Path, output: Path, fast: bool) -> None:
     """Write BASE + delta REF to OUTPUT, file to file; refuses a base the delta was not made for."""
     result = session.registry.apply(ref, base, output, verify="touched" if fast else "full")
-    session.emit({"ref": ref, "output": str(result.output), "tensors_changed": result.tensors_changed,
-                  "files": result.files_written}, str(result.output))
+    session.emit(
+        {
+            "ref": ref,
+            "output": str(result.output),
+            "tensors_changed": result.tensors_changed,
+            "files": result.files_written,
+        },
+        str(result.output),
+    )
 
 
 @cli.command("list")
@@ -160,7 +218,9 @@ def _print_version(info: VersionInfo) -> None:
     if modules:
         ranks = sorted({int(p["r"]) for p in modules.values()})
         lines.append(f"lora:     {len(modules)} modules, r={','.join(map(str, ranks))}")
-    lines += [f"eval:     {e['name']}={e['value']}" + (f" ({e['dataset']})" if e.get("dataset") else "")
-              for e in info.evals]
+    lines += [
+        f"eval:     {e['name']}={e['value']}" + (f" ({e['dataset']})" if e.get("dataset") else "")
+        for e in info.evals
+    ]
     lines += [f"meta:     {k}={v}" for k, v in sorted(m.metadata.items())]
     click.echo("\n".join(lines))

@@ -49,8 +49,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("registry")
     port = _free_port()
     log = (data_dir.parent / f"server-{port}.log").open("wb")
-    proc = subprocess.Popen([DELTAREG, "serve", "--port", str(port), "--data-dir", str(data_dir)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [DELTAREG, "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_up(url, proc)
@@ -67,8 +70,14 @@ class Cli:
     cache_dir: Path
 
     def __call__(self, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([DELTAREG, *map(str, args)], env=self.env, capture_output=True, text=True,
-                              timeout=300, check=False)
+        return subprocess.run(
+            [DELTAREG, *map(str, args)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
 
 
 @pytest.fixture

@@ -33,8 +33,20 @@ def test_push_pull_verify_apply_round_trip(cli, tiny_llama, lora_adapter, tmp_pa
     base = tiny_llama()
     adapter = lora_adapter(base)
 
-    pushed = _json(cli("push", adapter, "acme/round-trip", "--base", base, "--eval", "accuracy=0.9",
-                       "--meta", "dataset=tickets-v3", "--json"))
+    pushed = _json(
+        cli(
+            "push",
+            adapter,
+            "acme/round-trip",
+            "--base",
+            base,
+            "--eval",
+            "accuracy=0.9",
+            "--meta",
+            "dataset=tickets-v3",
+            "--json",
+        )
+    )
     assert (pushed["created"], pushed["number"]) == (True, 1)
     assert pushed["base_fingerprint"] == cli("hash", base).stdout.strip()
 
@@ -53,11 +65,15 @@ def test_push_pull_verify_apply_round_trip(cli, tiny_llama, lora_adapter, tmp_pa
     out = tmp_path / "merged"
     assert cli("apply", "acme/round-trip@" + pushed["digest"], "--base", base, "-o", out).returncode == 0
     merged = AutoModelForCausalLM.from_pretrained(out).state_dict()
-    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), pulled).merge_and_unload()
+    expected = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), pulled
+    ).merge_and_unload()
     for name, tensor in expected.state_dict().items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6)
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
-                           AutoModelForCausalLM.from_pretrained(base).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        AutoModelForCausalLM.from_pretrained(base).state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )
 
 
 def test_a_cached_version_is_reused_without_a_download(cli, server, tiny_llama, lora_adapter):
@@ -78,8 +94,9 @@ def test_a_cached_version_is_reused_without_a_download(cli, server, tiny_llama, 
             away.rename(away.with_suffix(""))
 
 
-def test_a_corrupted_blob_fails_pull_with_exit_3_and_keeps_nothing(cli, server, tiny_llama, lora_adapter,
-                                                                   tmp_path):
+def test_a_corrupted_blob_fails_pull_with_exit_3_and_keeps_nothing(
+    cli, server, tiny_llama, lora_adapter, tmp_path
+):
     base = tiny_llama()
     _json(cli("push", lora_adapter(base, seed=12), "acme/corrupt", "--base", base, "--json"))
     manifest = _json(cli("show", "acme/corrupt", "--json"))["manifest"]
@@ -171,7 +188,9 @@ def _pickle_only(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("edit", [_truncate, _header_beyond_file, _pickle_renamed, _pickle_only])
-def test_hostile_adapter_files_exit_1_and_store_nothing(cli, server, tiny_llama, lora_adapter, tmp_path, edit):
+def test_hostile_adapter_files_exit_1_and_store_nothing(
+    cli, server, tiny_llama, lora_adapter, tmp_path, edit
+):
     base = tiny_llama()
     folder = _edited_adapter(lora_adapter(base, seed=16), tmp_path, edit)
     blobs = server.blob_files()
@@ -187,7 +206,9 @@ def test_usage_errors_exit_2(cli, tiny_llama, lora_adapter):
     assert result.returncode == 2
     assert "--base" in result.stderr
     assert cli("push", "/nonexistent/adapter", "acme/x", "--base", "tmv1:" + "0" * 64).returncode == 2
-    assert cli("push", lora_adapter(tiny_llama()), "acme/x", "--base", "b", "--eval", "acc=nan").returncode == 2
+    assert (
+        cli("push", lora_adapter(tiny_llama()), "acme/x", "--base", "b", "--eval", "acc=nan").returncode == 2
+    )
 
 
 def test_an_unreachable_registry_is_one_clear_line_and_exit_1(cli):
@@ -199,8 +220,11 @@ def test_an_unreachable_registry_is_one_clear_line_and_exit_1(cli):
 def test_unknown_versions_and_aliases_are_not_found(cli, tiny_llama, lora_adapter):
     base = tiny_llama()
     _json(cli("push", lora_adapter(base, seed=17), "acme/refs", "--base", base, "--json"))
-    for ref, words in [("acme/refs:9", "no version 9"), ("acme/refs@production", "alias 'production'"),
-                       ("nobody/refs", "does not exist")]:
+    for ref, words in [
+        ("acme/refs:9", "no version 9"),
+        ("acme/refs@production", "alias 'production'"),
+        ("nobody/refs", "does not exist"),
+    ]:
         result = cli("pull", ref)
         assert result.returncode == 1
         assert words in result.stderr
