@@ -21,7 +21,9 @@ def test_evals_pushed_with_a_version_are_shown_with_it(registry):
     response = _push_with(registry, [{"name": "accuracy", "value": 0.91, "dataset": "tickets-v3"}])
     assert response.status_code == 201, response.text
     shown = registry.client.get(f"/api/v1/resolve?ref={REPO}:1").json()
-    assert [(e["name"], e["value"], e["dataset"]) for e in shown["evals"]] == [("accuracy", 0.91, "tickets-v3")]
+    assert [(e["name"], e["value"], e["dataset"]) for e in shown["evals"]] == [
+        ("accuracy", 0.91, "tickets-v3")
+    ]
     assert shown["evals"][0]["created_at"]
 
 

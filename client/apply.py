@@ -1,0 +1,439 @@
+"""Apply a LoRA version to a base model: in memory (a module or a state dict) or file to file.
+
+The math matches PEFT's ``merge_and_unload`` bit for bit (``LoraLayer.get_delta_weight`` + ``merge``):
+``delta = (f32(B) @ f32(A)) * scale`` (transposed with fan_in_fan_out), then ``W <- W + delta`` computed in
+fp32 and rounded once to W's dtype. Never "unmerge": to go back, apply again from the pristine base.
+
+Nothing is modified before everything is checked: the manifest's params, the adapter tensors (present,
+expected shapes, finite), every target in the base (present, expected shape, float dtype) and the base's
+identity, either its whole fingerprint (``verify="full"``) or only the digests of the tensors the delta
+changes (``verify="touched"``, faster; it cannot notice a difference in a tensor the delta does not touch,
+which is the trade-off of that mode).
+
+This module needs torch; the rest of the library imports without it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import torch
+from safetensors import safe_open
+
+from deltareg.client.errors import BaseMismatch, InvalidAdapter, InvalidInput, InvalidManifest, InvalidModel
+from deltareg.client.fingerprint import (
+    FingerprintCache,
+    ModelFingerprint,
+    TensorInfo,
+    fingerprint_path,
+    fingerprint_state_dict,
+    safetensors_dtype,
+    tensor_digests,
+    tensor_digests_of_state_dict,
+)
+from deltareg.client.lora import (
+    FACTOR_DTYPES,
+    MAX_LISTED_PROBLEMS,
+    LoraTarget,
+    check_against_base,
+    targets_from_params,
+)
+from deltareg.client.manifest import PICKLE_SUFFIXES, Manifest
+from deltareg.client.weights import SafetensorsHeader, TensorEntry, find_weight_files, read_header_file
+
+VerifyMode = Literal["full", "touched"]
+VERIFY_MODES: tuple[VerifyMode, ...] = ("full", "touched")
+# The fp32 scratch block of a merge: 2**20 elements (4 MiB) stays in cache, so W is read and written once.
+BLOCK_ELEMENTS = 1 << 20
+COPY_CHUNK = 16 << 20
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B), as stored in the adapter file
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``apply_files`` wrote."""
+
+    output: Path
+    tensors_changed: int
+    files_written: list[str]  # relative to ``output``, sorted
+
+
+@dataclass(frozen=True)
+class _Spec:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------------------
+# The merge itself
+
+
+def merge_lora_into(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    *,
+    fan_in_fan_out: bool = False,
+) -> None:
+    """``weight += scale * (B @ A)`` in place (``.T`` of the delta with fan_in_fan_out), as PEFT merges.
+
+    The delta is computed in fp32 (fp64 for an fp64 weight) in row blocks of about ``BLOCK_ELEMENTS``, so
+    the extra memory is one block and W is read and written once. Every element gets exactly PEFT's
+    operations: one matmul result, one multiply by the scale, one add, one final rounding to W's dtype.
+    """
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    a = lora_a.to(device=weight.device, dtype=compute)
+    b = lora_b.to(device=weight.device, dtype=compute)
+    rows, cols = weight.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    scratch = torch.empty(
+        0 if fan_in_fan_out else min(step, rows) * cols, dtype=compute, device=weight.device
+    )
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        if fan_in_fan_out:
+            # W is (in, out): its rows are columns of A. Same matmul as PEFT's (B @ A), then transposed.
+            block = torch.mm(b, a[:, start:stop]).T
+        else:
+            block = scratch[: (stop - start) * cols].view(stop - start, cols)
+            torch.mm(b[start:stop], a, out=block)
+        block.mul_(scale)
+        _add_rounded(weight[start:stop], block)
+
+
+def _add_rounded(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """``weight += delta`` with the sum in delta's (wider) dtype, rounded once into weight's dtype."""
+    if weight.dtype == delta.dtype:
+        weight.add_(delta)
+    else:
+        # Same bits as the mixed-dtype `weight += delta` PEFT does, a little faster on CPU.
+        delta.add_(weight)
+        weight.copy_(delta)
+
+
+# --------------------------------------------------------------------------------------------------
+# In memory
+
+
+def apply_to_state_dict(
+    state: MutableMapping[str, torch.Tensor],
+    version_dir: Path,
+    manifest: Manifest,
+    *,
+    verify: VerifyMode = "full",
+) -> None:
+    """Apply a LoRA version to a state dict in place (its tensors are modified, not replaced).
+
+    Raises:
+        BaseMismatch: the state dict is not the base this version was made for; nothing was modified.
+        InvalidManifest, InvalidAdapter, InvalidSafetensors: the version itself is not usable.
+    """
+    targets = _targets(manifest, verify)
+    # Detached views share the tensors' memory; non-tensor entries (a module's "_extra_state") are not
+    # weights and are never saved as such.
+    detached = {name: value.detach() for name, value in state.items() if isinstance(value, torch.Tensor)}
+    check_against_base(targets, {name: _spec_of(tensor) for name, tensor in detached.items()})
+    factors = load_factors(version_dir, manifest, targets)
+    if verify == "full":
+        _verify_fingerprint(manifest, fingerprint_state_dict(detached))
+    else:
+        expected = _touched_digests(manifest, targets)
+        _verify_touched(expected, tensor_digests_of_state_dict(detached, expected))
+    with torch.no_grad():
+        for target in targets:
+            lora_a, lora_b = factors[target.module]
+            merge_lora_into(
+                detached[target.base_tensor],
+                lora_a,
+                lora_b,
+                target.scale,
+                fan_in_fan_out=target.fan_in_fan_out,
+            )
+
+
+def apply_to_module(
+    module: torch.nn.Module,
+    version_dir: Path,
+    manifest: Manifest,
+    *,
+    verify: VerifyMode = "full",
+) -> None:
+    """Apply a LoRA version to a torch module in place (its parameters' data change; nothing is replaced).
+
+    Tied weights are one tensor, changed once, and fingerprinted once under their first name, as on disk.
+
+    Raises:
+        BaseMismatch: the module is not the base this version was made for; nothing was modified.
+        InvalidManifest, InvalidAdapter, InvalidSafetensors: the version itself is not usable.
+    """
+    # keep_vars: the live parameters, so that in-place writes land in the module itself.
+    apply_to_state_dict(module.state_dict(keep_vars=True), version_dir, manifest, verify=verify)
+
+
+def _spec_of(tensor: torch.Tensor) -> _Spec:
+    try:
+        dtype = safetensors_dtype(tensor.dtype)
+    except InvalidModel:
+        dtype = str(tensor.dtype)
+    return _Spec(dtype, tuple(tensor.shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# File to file
+
+
+def apply_files(
+    base: str | os.PathLike[str],
+    version_dir: Path,
+    manifest: Manifest,
+    out: str | os.PathLike[str],
+    *,
+    verify: VerifyMode = "full",
+    cache: FingerprintCache | None = None,
+) -> ApplyResult:
+    """Write the base model with the LoRA version merged into a new folder ``out``.
+
+    ``base`` is a model folder (sharded or not) or one ``.safetensors`` file. Every weight file is written
+    under the same name with the same header (same tensors, dtypes, shapes, offsets, ``__metadata__``);
+    untouched tensors are copied as bytes and changed ones are merged one at a time, so memory stays near
+    one tensor. The other files of the folder (config, tokenizer, the index) are copied byte for byte;
+    pickles, hidden files, sub-folders and ``.safetensors`` files that are not part of the weights (e.g. a
+    stale consolidated copy) are left out. Everything is written to a temporary folder beside ``out`` and
+    renamed into place, so ``out`` never exists half-written.
+
+    Raises:
+        InvalidInput: ``out`` exists and is not an empty folder.
+        BaseMismatch: ``base`` is not the model this version was made for; nothing was created.
+        InvalidModel, InvalidSafetensors, UnsafeFile: the base folder is unusable.
+        InvalidManifest, InvalidAdapter: the version itself is not usable.
+    """
+    targets = _targets(manifest, verify)
+    output = Path(out)
+    _refuse_existing_output(output)
+    weight_files = find_weight_files(base)
+    headers = {path: read_header_file(path) for path in weight_files}
+    check_against_base(targets, _specs_of_files(headers))
+    factors = load_factors(version_dir, manifest, targets)
+    if verify == "full":
+        _verify_fingerprint(manifest, fingerprint_path(base, cache=cache))
+    else:
+        expected = _touched_digests(manifest, targets)
+        _verify_touched(expected, tensor_digests(base, expected, cache=cache))
+    folder = Path(base) if Path(base).is_dir() else None
+    by_tensor = {target.base_tensor: target for target in targets}
+    written = _write_atomically(output, lambda temp: _write_model(folder, headers, by_tensor, factors, temp))
+    return ApplyResult(output=output, tensors_changed=len(targets), files_written=written)
+
+
+def _refuse_existing_output(output: Path) -> None:
+    if output.is_dir() and not any(output.iterdir()):
+        return
+    if output.exists() or output.is_symlink():
+        raise InvalidInput(f"{output}: already exists and is not an empty folder; choose a new output path")
+
+
+def _specs_of_files(headers: Mapping[Path, SafetensorsHeader]) -> dict[str, TensorEntry]:
+    specs: dict[str, TensorEntry] = {}
+    owner: dict[str, Path] = {}
+    for path, header in headers.items():
+        for name, entry in header.tensors.items():
+            if name in specs:
+                raise InvalidModel(f"tensor {name!r} is in both {owner[name]} and {path}")
+            specs[name], owner[name] = entry, path
+    return specs
+
+
+def _write_atomically(output: Path, write: Callable[[Path], list[str]]) -> list[str]:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = output.parent / f".{output.name}.tmp-{secrets.token_hex(6)}"
+    temp.mkdir()
+    try:
+        written = write(temp)
+        if output.is_dir():
+            output.rmdir()  # an empty folder the caller made for us; a non-empty one makes this fail
+        temp.rename(output)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return written
+
+
+def _write_model(
+    folder: Path | None,
+    headers: Mapping[Path, SafetensorsHeader],
+    targets: Mapping[str, LoraTarget],
+    factors: Factors,
+    temp: Path,
+) -> list[str]:
+    """Write every weight file (merged) and, for a folder, its other files; return the relative paths."""
+    written = []
+    for path, header in headers.items():
+        relative = path.relative_to(folder) if folder is not None else Path(path.name)
+        destination = temp / relative
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        _write_weight_file(path, header, targets, factors, destination)
+        written.append(relative.as_posix())
+    for path in _other_files(folder, headers) if folder is not None else []:
+        shutil.copyfile(path, temp / path.name)
+        written.append(path.name)
+    return sorted(written)
+
+
+def _other_files(folder: Path, headers: Mapping[Path, SafetensorsHeader]) -> list[Path]:
+    """Top-level files to copy as they are: not weights, not pickles, not hidden, not other safetensors."""
+    weights = {path.resolve() for path in headers}
+    return [
+        path
+        for path in sorted(folder.iterdir())
+        if path.is_file()
+        and not path.name.startswith(".")
+        and path.resolve() not in weights
+        and not path.name.endswith(".safetensors")
+        and not path.name.lower().endswith(PICKLE_SUFFIXES)
+    ]
+
+
+def _write_weight_file(
+    source: Path,
+    header: SafetensorsHeader,
+    targets: Mapping[str, LoraTarget],
+    factors: Factors,
+    destination: Path,
+) -> None:
+    """Copy ``source`` to ``destination`` byte for byte, except the targets' bytes, which are merged."""
+    if sys.byteorder != "little":  # safetensors is little-endian; torch's memory here would not be
+        raise InvalidInput("applying to safetensors files needs a little-endian machine")
+    with (
+        open(source, "rb") as src,
+        open(destination, "wb") as dst,
+        safe_open(source, framework="pt") as tensors,
+    ):
+        _copy_range(src.fileno(), dst, 0, header.data_start)
+        for name, entry in header.tensors.items():  # in offset order: the file is written sequentially
+            target = targets.get(name)
+            if target is None:
+                _copy_range(src.fileno(), dst, entry.start, entry.nbytes)
+                continue
+            weight = tensors.get_tensor(name)
+            lora_a, lora_b = factors[target.module]
+            merge_lora_into(weight, lora_a, lora_b, target.scale, fan_in_fan_out=target.fan_in_fan_out)
+            dst.write(memoryview(weight.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        size = dst.tell()
+    if size != os.path.getsize(source):
+        raise InvalidModel(f"{source}: wrote {size} bytes but the file has {os.path.getsize(source)}")
+
+
+def _copy_range(src_fd: int, dst: BinaryIO, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the end of ``dst``, in bounded chunks."""
+    end = offset + length
+    while offset < end:
+        chunk = os.pread(src_fd, min(COPY_CHUNK, end - offset), offset)
+        if not chunk:
+            raise InvalidModel(f"unexpected end of file at offset {offset} (was the file changed?)")
+        dst.write(chunk)
+        offset += len(chunk)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks shared by both paths
+
+
+def _targets(manifest: Manifest, verify: str) -> list[LoraTarget]:
+    if verify not in VERIFY_MODES:
+        raise InvalidInput(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    if manifest.kind != "lora":
+        raise InvalidManifest(f"cannot apply a delta of kind {manifest.kind!r} as LoRA")
+    targets: list[LoraTarget] = targets_from_params(manifest.params)
+    return targets
+
+
+def load_factors(version_dir: Path, manifest: Manifest, targets: Sequence[LoraTarget]) -> Factors:
+    """Every target's (A, B) from the version's weights file, checked before anything is applied.
+
+    Raises:
+        InvalidManifest: the weights file is not one of the version's files.
+        InvalidAdapter: a factor is missing, has an unexpected dtype or shape, or is not finite.
+    """
+    weights = str(manifest.params["weights"])
+    if weights not in {entry.path for entry in manifest.files}:
+        raise InvalidManifest(f"the lora weights file {weights!r} is not one of the version's files")
+    path = Path(version_dir) / weights
+    header = read_header_file(path)
+    problems = [problem for target in targets for problem in _factor_problems(header, target)]
+    if problems:
+        raise InvalidAdapter(f"{path}: " + "; ".join(problems[:MAX_LISTED_PROBLEMS]))
+    factors: Factors = {}
+    with safe_open(path, framework="pt") as handle:
+        for target in targets:
+            factors[target.module] = (handle.get_tensor(target.lora_a), handle.get_tensor(target.lora_b))
+    broken = [module for module, (a, b) in factors.items() if not (a.isfinite().all() and b.isfinite().all())]
+    if broken:
+        raise InvalidAdapter(
+            f"{path}: the LoRA factors of {', '.join(broken[:5])} hold NaN or infinite values"
+        )
+    return factors
+
+
+def _factor_problems(header: SafetensorsHeader, target: LoraTarget) -> list[str]:
+    problems = []
+    for key, expected in ((target.lora_a, target.a_shape), (target.lora_b, target.b_shape)):
+        entry = header.tensors.get(key)
+        if entry is None:
+            problems.append(f"{key} is missing")
+        elif entry.dtype not in FACTOR_DTYPES:
+            problems.append(
+                f"{key} has dtype {entry.dtype}, expected one of {', '.join(sorted(FACTOR_DTYPES))}"
+            )
+        elif entry.shape != expected:
+            problems.append(f"{key} has shape {list(entry.shape)}, the manifest says {list(expected)}")
+    return problems
+
+
+def _verify_fingerprint(manifest: Manifest, fingerprint: ModelFingerprint) -> None:
+    actual, expected, tensors = fingerprint.value, manifest.base.fingerprint, fingerprint.tensors
+    if actual == expected:
+        return
+    named = f" ({manifest.base.name})" if manifest.base.name else ""
+    touched = manifest.base.tensors
+    changed = [name for name, digest in touched.items() if name in tensors and tensors[name].digest != digest]
+    detail = f"; {len(changed)} of the {len(touched)} tensors it changes differ" if touched else ""
+    raise BaseMismatch(
+        f"wrong base model: its fingerprint is {actual}, "
+        f"but this delta was made for {expected}{named}{detail}"
+    )
+
+
+def _touched_digests(manifest: Manifest, targets: Sequence[LoraTarget]) -> dict[str, str]:
+    recorded = manifest.base.tensors
+    if not recorded:
+        raise InvalidManifest(
+            "this version records no base tensor digests (it was pushed with a fingerprint only), so "
+            "verify='touched' cannot check it; use verify='full'"
+        )
+    unrecorded = [t.base_tensor for t in targets if t.base_tensor not in recorded]
+    if unrecorded:
+        raise InvalidManifest(
+            f"this version records no base digest for {', '.join(unrecorded[:5])}; use verify='full'"
+        )
+    return dict(recorded)
+
+
+def _verify_touched(expected: Mapping[str, str], actual: Mapping[str, TensorInfo]) -> None:
+    differ = [name for name, digest in expected.items() if actual[name].digest != digest]
+    if differ:
+        shown = ", ".join(differ[:MAX_LISTED_PROBLEMS]) + (
+            ", ..." if len(differ) > MAX_LISTED_PROBLEMS else ""
+        )
+        raise BaseMismatch(
+            f"wrong base model: {len(differ)} of the {len(expected)} tensors this delta changes differ from "
+            f"the base it was made for: {shown}"
+        )

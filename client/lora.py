@@ -1,0 +1,509 @@
+"""PEFT LoRA adapters: read them, describe them in a manifest, and check that they fit a base model.
+
+Nothing here needs torch: the adapter is read from its ``adapter_config.json`` and the header of its
+``adapter_model.safetensors`` (through our own validating parser), never from tensor data.
+
+Folder layout, exactly as ``PeftModel.save_pretrained`` writes it for the default adapter::
+
+    adapter_config.json         the LoraConfig (peft_type, r, lora_alpha, patterns, ...)
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+    README.md                   the model card (optional)
+
+A version is made of these three files and nothing else. Any other non-pickle file in the folder (training
+logs, tokenizer files, checkpoint sub-folders) is ignored: it is not part of the adapter and not uploaded.
+A pickle anywhere at the top level (``adapter_model.bin``, ``training_args.bin``, ...) makes the folder
+refused with ``UnsafeFile``: deltareg never carries pickles, and a pickle beside the weights may well be
+the weights the user meant.
+
+Scale resolution follows PEFT exactly (``LoraModel._create_and_replace`` and ``get_pattern_key``): for a
+module path ``m`` the first key ``k`` of ``rank_pattern`` (and separately of ``alpha_pattern``), in dict
+order, with ``re.match(rf"(.*\\.)?({k})$", m)`` wins; otherwise ``r`` / ``lora_alpha``.
+``scale = alpha / sqrt(r)`` with ``use_rslora``, else ``alpha / r``, computed in Python floats like PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from deltareg.client.errors import BaseMismatch, InvalidAdapter, InvalidManifest, UnsafeFile
+from deltareg.client.manifest import PICKLE_SUFFIXES
+from deltareg.client.weights import SafetensorsHeader, read_header_file
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MODEL_CARD = "README.md"
+LEGACY_WEIGHTS_FILE = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+MAX_CONFIG_BYTES = 1 << 20
+# Dtypes PEFT saves LoRA factors in; the apply upcasts them to fp32 exactly.
+FACTOR_DTYPES = frozenset({"F16", "BF16", "F32"})
+# Base dtypes a LoRA delta can be merged into (fp32 arithmetic, one rounding).
+BASE_DTYPES = frozenset({"F16", "BF16", "F32"})
+# init_lora_weights values whose adapter is a plain additive delta on the untouched base. The others either
+# rewrite the base weights at init (pissa*, olora, corda, loftq, lora_ga) or change the math (mica).
+ADDITIVE_INITS: tuple[object, ...] = (True, False, "gaussian", "eva", "orthogonal")
+BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# LoraConfig fields that switch on a feature whose weights or math we do not handle yet: refused when truthy.
+UNSUPPORTED_FEATURES: dict[str, str] = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "megatron_config": "Megatron parallel layers (megatron_config)",
+}
+_FACTOR_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+# Tensor-key suffixes of features we refuse, with the name to tell the user.
+_KNOWN_UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
+    (".lora_embedding_A", "embedding LoRA (lora_embedding_A/B)"),
+    (".lora_embedding_B", "embedding LoRA (lora_embedding_A/B)"),
+    (".lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
+    (".lora_A.bias", "LoRA bias (lora_B.bias)"),
+    (".lora_B.bias", "LoRA bias (lora_B.bias)"),
+    (".trainable_tokens_delta", "trainable tokens"),
+)
+MAX_LISTED_PROBLEMS = 20
+
+
+class TensorSpec(Protocol):
+    """What a base-model check needs to know about one tensor (``fingerprint.TensorInfo`` is one)."""
+
+    @property
+    def dtype(self) -> str: ...  # safetensors dtype name, e.g. "BF16"
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One base tensor a LoRA adapter changes: ``W <- W + scale * (B @ A)`` (``.T`` with fan_in_fan_out)."""
+
+    module: str  # base module path, e.g. "model.layers.0.self_attn.q_proj"
+    base_tensor: str  # "model.layers.0.self_attn.q_proj.weight"
+    shape: tuple[int, int]  # base tensor shape as stored: (out, in), or (in, out) with fan_in_fan_out
+    r: int
+    alpha: float
+    scale: float  # alpha / r, or alpha / sqrt(r) with use_rslora
+    lora_a: str  # key of A (r, in) in the adapter weights file
+    lora_b: str  # key of B (out, r)
+    fan_in_fan_out: bool = False
+
+    @property
+    def a_shape(self) -> tuple[int, int]:
+        return (self.r, self.shape[0] if self.fan_in_fan_out else self.shape[1])
+
+    @property
+    def b_shape(self) -> tuple[int, int]:
+        return (self.shape[1] if self.fan_in_fan_out else self.shape[0], self.r)
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A PEFT LoRA adapter folder, checked and resolved (every module's rank, alpha and scale)."""
+
+    folder: Path
+    files: list[str]  # relative paths that make up the version, sorted
+    config: dict[str, Any]
+    targets: list[LoraTarget]  # sorted by module path
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def params(self) -> dict[str, Any]:
+        """The manifest ``params`` of kind "lora": JSON-safe, deterministic, everything apply needs.
+
+        The scale is resolved here, at push time, so that every consumer applies the same math whatever
+        its PEFT version; ``targets_from_params`` is the inverse.
+        """
+        return {
+            "peft_type": "LORA",
+            "use_rslora": self.use_rslora,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "weights": WEIGHTS_FILE,
+            "modules": {
+                t.module: {
+                    "r": t.r,
+                    "alpha": t.alpha,
+                    "scale": t.scale,
+                    "base_tensor": t.base_tensor,
+                    "shape": list(t.shape),
+                    "lora_A": t.lora_a,
+                    "lora_B": t.lora_b,
+                }
+                for t in self.targets
+            },
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading an adapter folder
+
+
+def read_peft_adapter(folder: str | os.PathLike[str]) -> LoraAdapter:
+    """Read and check a PEFT LoRA adapter folder (or the path of its adapter_model.safetensors).
+
+    Raises:
+        InvalidAdapter: a file is missing, or the adapter uses a feature or tensor deltareg does not
+            support yet (each one named), or its tensors disagree with its config.
+        UnsafeFile: the folder holds pickle files (e.g. only adapter_model.bin).
+        InvalidSafetensors: adapter_model.safetensors is malformed.
+    """
+    root = _adapter_folder(Path(folder))
+    _refuse_pickles(root)
+    config = _read_config(root)
+    header = read_header_file(root / WEIGHTS_FILE)
+    targets = _targets_from_header(config, header)
+    files = sorted([CONFIG_FILE, WEIGHTS_FILE] + ([MODEL_CARD] if (root / MODEL_CARD).is_file() else []))
+    return LoraAdapter(folder=root, files=files, config=config, targets=targets)
+
+
+def _adapter_folder(path: Path) -> Path:
+    if path.is_file() and path.name in (WEIGHTS_FILE, CONFIG_FILE):
+        path = path.parent
+    if not path.is_dir():
+        raise InvalidAdapter(f"{path}: not an adapter folder (expected a folder with {CONFIG_FILE})")
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    if WEIGHTS_FILE in missing and (path / LEGACY_WEIGHTS_FILE).is_file():
+        raise UnsafeFile(
+            f"{path}: the adapter weights are only in {LEGACY_WEIGHTS_FILE}, a pickle, which deltareg never "
+            f"loads; re-save it with save_pretrained(..., safe_serialization=True) to get {WEIGHTS_FILE}"
+        )
+    if missing:
+        raise InvalidAdapter(f"{path}: {' and '.join(missing)} missing{_subfolder_hint(path)}")
+    return path
+
+
+def _subfolder_hint(path: Path) -> str:
+    """PEFT saves a non-default adapter name into a sub-folder; point the user at it."""
+    if not path.is_dir():
+        return ""
+    candidates = sorted(p.name for p in path.iterdir() if (p / CONFIG_FILE).is_file())
+    if not candidates:
+        return " (is this the folder PeftModel.save_pretrained wrote?)"
+    return f" (adapters found in sub-folders: {', '.join(candidates[:5])}; pass one of them)"
+
+
+def _refuse_pickles(root: Path) -> None:
+    pickles = sorted(
+        p.name for p in root.iterdir() if p.is_file() and p.name.lower().endswith(PICKLE_SUFFIXES)
+    )
+    if pickles:
+        raise UnsafeFile(
+            f"{root}: refusing an adapter folder that holds pickle files ({', '.join(pickles)}); "
+            "deltareg never loads or uploads pickles: move them out of the folder"
+        )
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    path = root / CONFIG_FILE
+    raw = path.read_bytes()
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(f"{path}: {len(raw)} bytes, over the limit of {MAX_CONFIG_BYTES}")
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidAdapter(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{path}: expected a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InvalidAdapter(f'{path}: peft_type is {peft_type!r}; only LoRA adapters ("LORA") are supported')
+    problems = _config_problems(config)
+    if problems:
+        raise InvalidAdapter(f"{path}: " + "; ".join(problems))
+    return config
+
+
+def _config_problems(config: Mapping[str, Any]) -> list[str]:
+    problems = [
+        f"{label} is not supported yet" for key, label in UNSUPPORTED_FEATURES.items() if config.get(key)
+    ]
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} saves base-model biases, which is not supported yet")
+    problems.extend(_init_problems(config.get("init_lora_weights", True)))
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            problems.append(f"{key} must be true or false, got {config[key]!r}")
+    problems.extend(_rank_alpha_problems(config))
+    return problems
+
+
+def _init_problems(init: Any) -> list[str]:
+    if any(init is allowed or (isinstance(init, str) and init == allowed) for allowed in ADDITIVE_INITS):
+        return []
+    if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS):
+        return [
+            f"init_lora_weights={init!r} changes the base weights at initialisation, so the adapter only "
+            "fits that modified base; this is not supported (convert it with save_pretrained("
+            "path_initial_model_for_weight_conversion=...) to get a plain LoRA adapter)"
+        ]
+    return [f"init_lora_weights={init!r} is not supported yet"]
+
+
+def _rank_alpha_problems(config: Mapping[str, Any]) -> list[str]:
+    problems = []
+    if not _is_positive_int(config.get("r")):
+        problems.append(f"r must be a positive integer, got {config.get('r')!r}")
+    if not _is_finite_number(config.get("lora_alpha")):
+        problems.append(f"lora_alpha must be a finite number, got {config.get('lora_alpha')!r}")
+    for field, check, what in (
+        ("rank_pattern", _is_positive_int, "positive integers"),
+        ("alpha_pattern", _is_finite_number, "finite numbers"),
+    ):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
+            problems.append(f"{field} must be an object, got {pattern!r}")
+            continue
+        for key, value in pattern.items():
+            if not check(value):
+                problems.append(f"{field}[{key!r}] must be one of {what}, got {value!r}")
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as exc:
+                problems.append(f"{field} key {key!r} is not a valid regular expression ({exc})")
+    return problems
+
+
+def _is_positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _is_finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets from the weights header
+
+
+def _targets_from_header(config: Mapping[str, Any], header: SafetensorsHeader) -> list[LoraTarget]:
+    factors, problems = _group_factor_keys(header, config)
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    targets = []
+    for module in sorted(factors):
+        target, module_problems = _target_for_module(module, factors[module], header, config, fan_in_fan_out)
+        problems.extend(module_problems)
+        if target is not None:
+            targets.append(target)
+    if problems:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: " + _join_problems(problems))
+    if not targets:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: holds no LoRA weights (no *.lora_A.weight / *.lora_B.weight)")
+    return targets
+
+
+def _group_factor_keys(
+    header: SafetensorsHeader, config: Mapping[str, Any]
+) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """{module: {"A": key, "B": key}} for every LoRA factor key; every other key is a problem."""
+    factors: dict[str, dict[str, str]] = {}
+    problems = []
+    for key in header.tensors:
+        match = _FACTOR_KEY.fullmatch(key)
+        if key.startswith(KEY_PREFIX) and match and ".lora_" not in match["module"]:
+            module = match["module"][len(KEY_PREFIX) :]
+            factors.setdefault(module, {})[match["which"]] = key
+        else:
+            problems.append(_unsupported_key(key, config))
+    return factors, problems
+
+
+def _unsupported_key(key: str, config: Mapping[str, Any]) -> str:
+    for suffix, feature in _KNOWN_UNSUPPORTED_KEYS:
+        if key.endswith(suffix):
+            return f"{key}: {feature} is not supported yet"
+    module = key.removeprefix(KEY_PREFIX)
+    for saved in config.get("modules_to_save") or []:
+        if isinstance(saved, str) and re.search(rf"(^|\.){re.escape(saved)}(\.|$)", module):
+            return f"{key}: full weights of modules_to_save ({saved}) are not supported yet"
+    return (
+        f"{key}: not a LoRA factor this version understands (expected {KEY_PREFIX}<module>.lora_A/B.weight)"
+    )
+
+
+def _target_for_module(
+    module: str,
+    keys: Mapping[str, str],
+    header: SafetensorsHeader,
+    config: Mapping[str, Any],
+    fan_in_fan_out: bool,
+) -> tuple[LoraTarget | None, list[str]]:
+    if set(keys) != {"A", "B"}:
+        missing = "lora_A" if "A" not in keys else "lora_B"
+        return None, [f"{module}: {missing}.weight is missing"]
+    a, b = header.tensors[keys["A"]], header.tensors[keys["B"]]
+    problems = [
+        f"{entry.name}: dtype {entry.dtype} is not supported (expected {', '.join(sorted(FACTOR_DTYPES))})"
+        for entry in (a, b)
+        if entry.dtype not in FACTOR_DTYPES
+    ]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        return None, [
+            *problems,
+            f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} must be matrices",
+        ]
+    r, alpha = resolve_rank_alpha(config, module)
+    if a.shape[0] != b.shape[1]:
+        problems.append(f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank")
+    elif a.shape[0] != r:
+        problems.append(f"{module}: the tensors have rank {a.shape[0]} but the config resolves r={r}")
+    if problems:
+        return None, problems
+    out_features, in_features = b.shape[0], a.shape[1]
+    shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+    use_rslora = bool(config.get("use_rslora", False))
+    target = LoraTarget(
+        module=module,
+        base_tensor=f"{module}.weight",
+        shape=shape,
+        r=r,
+        alpha=alpha,
+        scale=lora_scale(alpha, r, use_rslora),
+        lora_a=a.name,
+        lora_b=b.name,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    return target, []
+
+
+def get_pattern_key(pattern_keys: Sequence[str], key_to_match: str) -> str:
+    """PEFT's ``utils.other.get_pattern_key``: the first pattern key matching the module, else the module."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+def resolve_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
+    """The rank and alpha PEFT gives ``module`` (``LoraModel._create_and_replace``)."""
+    rank_pattern: Mapping[str, int] = config.get("rank_pattern") or {}
+    alpha_pattern: Mapping[str, float] = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config["r"])
+    alpha = alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config["lora_alpha"])
+    return int(r), float(alpha)
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's scaling, in the same Python float arithmetic (``LoraLayer.update_layer``)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest params
+
+
+def targets_from_params(params: Mapping[str, Any]) -> list[LoraTarget]:
+    """The targets a manifest's ``params`` (kind "lora") describe; the inverse of ``LoraAdapter.params``.
+
+    The params come from a manifest, so every field is checked; the recorded scale must be the one its
+    rank and alpha give, so a manifest cannot smuggle in a different scaling.
+
+    Raises:
+        InvalidManifest: a field is missing, has the wrong type, or is inconsistent.
+    """
+    if params.get("peft_type") != "LORA":
+        raise InvalidManifest(f"lora params: peft_type must be 'LORA', got {params.get('peft_type')!r}")
+    flags = {key: params.get(key) for key in ("use_rslora", "fan_in_fan_out")}
+    bad_flags = [key for key, value in flags.items() if not isinstance(value, bool)]
+    if bad_flags:
+        raise InvalidManifest(f"lora params: {', '.join(bad_flags)} must be true or false")
+    if params.get("weights") != WEIGHTS_FILE:
+        raise InvalidManifest(f"lora params: weights must be {WEIGHTS_FILE!r}, got {params.get('weights')!r}")
+    modules = params.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise InvalidManifest("lora params: modules must be a non-empty object")
+    return [
+        _target_from_entry(module, entry, bool(flags["use_rslora"]), bool(flags["fan_in_fan_out"]))
+        for module, entry in sorted(modules.items())
+    ]
+
+
+def _target_from_entry(module: str, entry: Any, use_rslora: bool, fan_in_fan_out: bool) -> LoraTarget:
+    def fail(problem: str) -> InvalidManifest:
+        return InvalidManifest(f"lora params: modules[{module!r}]: {problem}")
+
+    if not isinstance(entry, dict):
+        raise fail("must be an object")
+    expected_keys = {"r", "alpha", "scale", "base_tensor", "shape", "lora_A", "lora_B"}
+    if set(entry) != expected_keys:
+        raise fail(f"expected exactly the keys {sorted(expected_keys)}, got {sorted(entry)}")
+    r, alpha, scale, shape = entry["r"], entry["alpha"], entry["scale"], entry["shape"]
+    if not _is_positive_int(r):
+        raise fail(f"r must be a positive integer, got {r!r}")
+    if not (_is_finite_number(alpha) and _is_finite_number(scale)):
+        raise fail("alpha and scale must be finite numbers")
+    if scale != lora_scale(alpha, r, use_rslora):
+        raise fail(
+            f"scale {scale!r} is not {'alpha/sqrt(r)' if use_rslora else 'alpha/r'} for r={r}, alpha={alpha}"
+        )
+    if entry["base_tensor"] != f"{module}.weight":
+        raise fail(f"base_tensor must be {module + '.weight'!r}, got {entry['base_tensor']!r}")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_is_positive_int(d) for d in shape)):
+        raise fail(f"shape must be two positive integers, got {shape!r}")
+    if not all(isinstance(entry[k], str) and entry[k] for k in ("lora_A", "lora_B")):
+        raise fail("lora_A and lora_B must be tensor names")
+    return LoraTarget(
+        module=module,
+        base_tensor=entry["base_tensor"],
+        shape=(shape[0], shape[1]),
+        r=r,
+        alpha=float(alpha),
+        scale=float(scale),
+        lora_a=entry["lora_A"],
+        lora_b=entry["lora_B"],
+        fan_in_fan_out=fan_in_fan_out,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fit against a base model
+
+
+def check_against_base(targets: Sequence[LoraTarget], base_tensors: Mapping[str, TensorSpec]) -> None:
+    """Check that every target tensor exists in the base with the expected shape and a float dtype.
+
+    Raises:
+        BaseMismatch: listing every problem at once (up to 20, then a count).
+    """
+    problems = []
+    for target in targets:
+        spec = base_tensors.get(target.base_tensor)
+        if spec is None:
+            problems.append(f"{target.base_tensor} is missing")
+        elif tuple(spec.shape) != target.shape:
+            problems.append(
+                f"{target.base_tensor} has shape {list(spec.shape)}, the adapter expects {list(target.shape)}"
+            )
+        elif spec.dtype not in BASE_DTYPES:
+            problems.append(
+                f"{target.base_tensor} has dtype {spec.dtype}; LoRA merges into "
+                f"{', '.join(sorted(BASE_DTYPES))} only"
+            )
+    if problems:
+        raise BaseMismatch("the adapter does not fit this base model: " + _join_problems(problems))
+
+
+def _join_problems(problems: Sequence[str]) -> str:
+    shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    return shown + (f"; and {more} more problem{'s' if more > 1 else ''}" if more > 0 else "")
