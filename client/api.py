@@ -103,6 +103,7 @@ class PulledDelta:
 
     path: Path
     version: VersionRecord
+    fingerprints: FingerprintCache | None = None
 
     @property
     def manifest(self) -> Manifest:
@@ -125,13 +126,13 @@ class PulledDelta:
         """Write base + delta to ``output`` file to file; nothing is written if the base does not match."""
         from deltareg.client.apply import apply_files
 
-        return apply_files(base, self.path, self.manifest, output, verify=verify)
+        return apply_files(base, self.path, self.manifest, output, verify=verify, cache=self.fingerprints)
 
     def verify(self, base: str | os.PathLike[str] | None = None) -> None:
         """Re-hash the files (and, with ``base``, check the base model's fingerprint)."""
         verify_folder(self.path)
         if base is not None:
-            check_base_fingerprint(self.manifest, fingerprint_path(base))
+            check_base_fingerprint(self.manifest, fingerprint_path(base, cache=self.fingerprints))
 
 
 def _eval_list(evals: Mapping[str, float] | None) -> list[dict[str, Any]]:
@@ -308,7 +309,7 @@ class Registry:
         folder = self.cache.lookup(info.digest) or self.cache.install(record, self._fetcher(info))
         if output is not None:
             folder = copy_folder(folder, Path(output))
-        return PulledDelta(path=folder, version=record)
+        return PulledDelta(path=folder, version=record, fingerprints=self.fingerprints)
 
     def _fetcher(self, info: VersionInfo) -> Any:
         def fetch(entry: FileEntry, dest: Path) -> None:
