@@ -67,3 +67,6 @@ def main() -> None:
 
 
 from deltareg.client.cli import commands as _commands  # noqa: E402,F401  (registers the commands)
+from deltareg.client.cli import admin as _admin  # noqa: E402,F401
+from deltareg.client.cli import aliases as _aliases  # noqa: E402,F401
+from deltareg.client.cli import gc as _gc  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""deltareg admin commands (filled in by the issue-3 work)."""

@@ -1,0 +1,1 @@
+"""deltareg aliases commands (filled in by the issue-3 work)."""
