@@ -14,7 +14,7 @@ import httpx
 from deltareg.client import config
 from deltareg.client._http import make_client, request_json
 from deltareg.client.cache import VersionCache, VersionRecord, copy_folder, verify_folder
-from deltareg.client.errors import BaseMismatch, DigestMismatch, InvalidInput
+from deltareg.client.errors import AliasNotFound, BaseMismatch, DigestMismatch, InvalidInput
 from deltareg.client.fingerprint import (
     FingerprintCache,
     ModelFingerprint,
@@ -23,8 +23,9 @@ from deltareg.client.fingerprint import (
 )
 from deltareg.client.lora import check_against_base, read_peft_adapter
 from deltareg.client.manifest import BaseModelRef, FileEntry, Manifest
-from deltareg.client.refs import Reference, RepoName
-from deltareg.client.transfer import download_blob, file_digest, upload_blob
+from deltareg.client.progress import TransferProgress, resolve_progress
+from deltareg.client.refs import Reference, RepoName, validate_alias
+from deltareg.client.transfer import BlobDownload, Transfers, TransferSettings, UploadPlan, file_digest
 from deltareg.client.weights import validate_safetensors_file
 
 if TYPE_CHECKING:
@@ -161,6 +162,9 @@ class Registry:
         cache_dir: where pulled versions and fingerprints are cached (default ``DELTAREG_CACHE_DIR``, then
             ``~/.cache/deltareg``).
         http: an httpx client to use instead of a new one (its base URL must be the registry).
+        progress: progress bars for large files on stderr: None (default) shows them only when stderr is
+            a terminal, True always, False never; or a ``TransferProgress`` to report to instead.
+        transfer_settings: parallelism, range sizes and retries of blob transfers.
     """
 
     def __init__(
@@ -170,14 +174,22 @@ class Registry:
         *,
         cache_dir: str | os.PathLike[str] | None = None,
         http: httpx.Client | None = None,
+        progress: bool | TransferProgress | None = None,
+        transfer_settings: TransferSettings | None = None,
     ) -> None:
         self.url = config.registry_url(url)
         self._http = http or make_client(self.url, config.registry_token(token))
+        self.transfers = Transfers(
+            self._http, settings=transfer_settings, progress=resolve_progress(progress)
+        )
         root = config.cache_dir(cache_dir)
         self.cache = VersionCache(root)
         self.fingerprints = FingerprintCache(root / "fingerprints")
+        # Interrupted downloads, kept under a name derived from the digest so a later pull resumes them.
+        self.partials = root / "partials"
 
     def close(self) -> None:
+        self.transfers.close()
         self._http.close()
 
     def __enter__(self) -> Registry:
@@ -284,11 +296,10 @@ class Registry:
         by_digest = {f.digest: f for f in files}
         count = total = 0
         for blob in answer["blobs"]:
-            if blob["present"]:
-                continue
-            entry = by_digest[blob["digest"]]
-            upload_blob(self._http, blob["upload_url"], folder / entry.path)
-            count, total = count + 1, total + entry.size
+            plan = UploadPlan.from_json(blob)
+            entry = by_digest[plan.digest]
+            if self.transfers.upload(plan, folder / entry.path, label=entry.path):
+                count, total = count + 1, total + entry.size
         return count, total
 
     # -- pull, verify, apply -------------------------------------------------------------------
@@ -312,8 +323,12 @@ class Registry:
         return PulledDelta(path=folder, version=record, fingerprints=self.fingerprints)
 
     def _fetcher(self, info: VersionInfo) -> Any:
+        located = self.transfers.locate([entry.digest for entry in info.manifest.files])
+
         def fetch(entry: FileEntry, dest: Path) -> None:
-            download_blob(self._http, entry.digest, entry.size, dest, label=f"{info.ref} {entry.path}")
+            # The manifest's size is the one to verify against, whatever the registry's URL answer says.
+            blob = BlobDownload(entry.digest, entry.size, located[entry.digest].url)
+            self.transfers.download(blob, dest, partials=self.partials, label=f"{info.ref} {entry.path}")
 
         return fetch
 
@@ -348,3 +363,54 @@ class Registry:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InvalidInput(f"output {out} already exists and is not an empty folder")
         return self.pull(ref).apply_files(base, out, verify=verify)
+
+    # -- aliases -------------------------------------------------------------------------------
+
+    def promote(
+        self,
+        ref: str | Reference,
+        alias: str,
+        *,
+        expected: int | None | Literal["current"] = "current",
+        reason: str | None = None,
+    ) -> dict[str, Any]:
+        """Point ``alias`` of the ref's repo at the version ``ref`` names, by compare-and-swap.
+
+        Args:
+            ref: the version to promote (``ns/name:N``, ``ns/name@staging``, ...).
+            alias: the alias to move (``production``); created if ``expected`` is None.
+            expected: the version number the alias points to now, None if it must not exist yet, or
+                ``"current"`` (default) to read the current holder first and expect that one: a concurrent
+                move in between still makes this call fail rather than overwrite it.
+            reason: why, kept in the alias history.
+
+        Returns:
+            The alias as moved: ``repo``, ``name``, ``version``, ``digest``, ``previous``, ``moved``.
+
+        Raises:
+            Conflict: the alias does not point where expected (the message names the current holder).
+        """
+        reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
+        validate_alias(alias)
+        version = self.resolve(reference)
+        if expected == "current":
+            expected = self._alias_holder(reference.repo, alias)
+        body = {"version": version.number, "expected": expected, "reason": reason}
+        return dict(request_json(self._http, "PUT", self._alias_path(reference.repo, alias), json=body))
+
+    def aliases(self, repo: str) -> list[dict[str, Any]]:
+        """The aliases of ``repo`` (``name``, ``version``, ``digest``, ``updated_at``), by name."""
+        repo_name = RepoName.parse(repo)
+        path = f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/aliases"
+        return list(request_json(self._http, "GET", path)["aliases"])
+
+    def _alias_holder(self, repo: RepoName, alias: str) -> int | None:
+        try:
+            found = request_json(self._http, "GET", self._alias_path(repo, alias))
+        except AliasNotFound:
+            return None
+        return int(found["version"])
+
+    @staticmethod
+    def _alias_path(repo: RepoName, alias: str) -> str:
+        return f"/api/v1/repos/{repo.namespace}/{repo.name}/aliases/{alias}"

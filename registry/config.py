@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -9,12 +10,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
 MIB = 1 << 20
+# S3's own limits: parts of a multipart upload are 5 MiB .. 5 GiB (the last one may be smaller), one PUT
+# holds at most 5 GiB.
+S3_MIN_PART_BYTES = 5 * MIB
+S3_MAX_PART_BYTES = 5 * GIB
+DEFAULT_S3_REGION = "us-east-1"
 
 
 class Settings(BaseSettings):
     """Configuration of one registry server process.
 
     The defaults describe the embedded setup: a SQLite database and a blob folder inside ``data_dir``.
+    With ``storage_url=s3://bucket/prefix`` the standard AWS variables (AWS_ACCESS_KEY_ID, ...) give the
+    credentials; ``s3_endpoint_url`` points at an S3-compatible store (MinIO, Ceph RGW, R2).
     """
 
     model_config = SettingsConfigDict(env_prefix="DELTAREG_", extra="ignore")
@@ -29,6 +37,25 @@ class Settings(BaseSettings):
     # None means: migrate automatically on SQLite (embedded), never on a shared server database.
     auto_migrate: bool | None = None
 
+    # ---- S3 (used only with an s3:// storage_url)
+    s3_endpoint_url: str | None = None
+    # The endpoint clients reach the store at, for presigned URLs, when it differs from the server's
+    # (e.g. the server talks to http://minio:9000 inside a compose network). Default: s3_endpoint_url.
+    s3_public_endpoint_url: str | None = None
+    # Empty means: AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1.
+    s3_region: str = ""
+    # Attempts per S3 call (botocore "standard" retries) before the request fails with a 503.
+    s3_max_attempts: int = Field(default=3, ge=1, le=10)
+    # Accept the store's full-object SHA-256 checksum (HEAD with checksum mode) instead of reading a
+    # single-PUT upload back. Only for stores that verify x-amz-checksum-sha256 on upload (AWS S3,
+    # MinIO): a store that records a client's checksum without checking it would accept wrong bytes.
+    s3_trust_checksums: bool = False
+    # How long presigned upload and download URLs stay valid.
+    presign_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+    # Blobs of at least this size upload in parts (S3 multipart) instead of one PUT.
+    multipart_threshold: int = Field(default=64 * MIB, ge=1, le=S3_MAX_PART_BYTES)
+    multipart_part_size: int = Field(default=16 * MIB, ge=S3_MIN_PART_BYTES, le=S3_MAX_PART_BYTES)
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()
@@ -38,6 +65,13 @@ class Settings(BaseSettings):
             self.storage_url = (data_dir / "blobs").as_uri()
         if self.auto_migrate is None:
             self.auto_migrate = self.database_url.startswith("sqlite")
+        # An empty variable (a compose file passing "${VAR:-}") means "not set".
+        self.s3_endpoint_url = self.s3_endpoint_url or None
+        self.s3_public_endpoint_url = self.s3_public_endpoint_url or None
+        if not self.s3_region:
+            self.s3_region = (
+                os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_S3_REGION
+            )
         return self
 
     @property

@@ -10,12 +10,25 @@ from typing import Any
 from fastapi import Request
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
+
+from deltareg.client.errors import ServiceUnavailable
 
 # HTTP methods whose unit of work may write: on SQLite they take the write lock when they begin.
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WRITE_OPTION = "deltareg_write"
+POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
+# PostgreSQL error classes that mean "the database cannot serve us right now" rather than a bad query:
+# connection exceptions, insufficient resources, operator intervention (shutdown, terminated backend,
+# statement timeout), invalid catalog (the database does not exist), invalid authorization, and
+# transaction rollbacks (deadlock, serialization failure: worth a retry).
+_UNAVAILABLE_SQLSTATE_CLASSES = frozenset({"08", "53", "57", "3D", "28", "40"})
+_UNAVAILABLE_SQLSTATES = frozenset({"55P03"})  # lock_not_available (lock_timeout)
+# SQLite's: another writer holds the lock past the busy timeout; the file cannot be opened.
+_UNAVAILABLE_SQLITE_MESSAGES = ("database is locked", "unable to open database file", "disk i/o error")
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,11 @@ class Database:
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, foreign keys, a busy timeout and real transactions."""
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        # pre_ping: a connection the server closed (restart, pg_terminate_backend) is replaced on
+        # checkout, so the registry recovers by itself once the database is back.
+        return create_engine(
+            url, pool_pre_ping=True, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS}
+        )
     _create_sqlite_folder(url)
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     event.listen(engine, "connect", _configure_sqlite_connection)
@@ -90,3 +107,49 @@ def get_session(request: Request) -> Iterator[Session]:
             session.rollback()
             raise
         session.commit()
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(unparseable database URL)"
+
+
+def unavailable_error(exc: Exception, url: str) -> ServiceUnavailable | None:
+    """A 503 naming the problem when ``exc`` means the database is down or unreachable, else None.
+
+    Errors of the query itself (a missing table, a constraint) are not availability problems and stay
+    500s. The message never holds the password, even if the driver repeats it.
+    """
+    if isinstance(exc, PoolTimeoutError):
+        return ServiceUnavailable(f"database unavailable: no free connection in the pool ({safe_url(url)})")
+    if not isinstance(exc, DBAPIError) or not _is_unavailable(exc):
+        return None
+    reason = _first_line(str(exc.orig)) or type(exc.orig).__name__
+    password = make_url(url).password if "://" in url else None
+    if password:
+        reason = reason.replace(str(password), "***")
+    return ServiceUnavailable(f"database unavailable: {reason} ({safe_url(url)})")
+
+
+def _is_unavailable(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return str(sqlstate)[:2] in _UNAVAILABLE_SQLSTATE_CLASSES or sqlstate in _UNAVAILABLE_SQLSTATES
+    message = str(exc.orig).lower()
+    if type(exc.orig).__module__.startswith("sqlite3"):
+        return any(text in message for text in _UNAVAILABLE_SQLITE_MESSAGES)
+    return True  # psycopg gives no SQLSTATE when it could not connect at all
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return ""

@@ -10,11 +10,14 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deltareg.client.errors import DeltaregError, InvalidInput, NotFound
 from deltareg.registry.body import describe_errors
+from deltareg.registry.db import unavailable_error
 
 logger = logging.getLogger("deltareg.registry")
 
@@ -23,9 +26,21 @@ def error_response(error: DeltaregError, status_code: int | None = None) -> JSON
     return JSONResponse(error.to_body(), status_code=status_code or error.status_code)
 
 
-async def _deltareg_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _deltareg_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DeltaregError)
+    if exc.status_code == 503:
+        logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
     return error_response(exc)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    # The database is down or unreachable: a 503 naming why. Anything else is a bug: re-raised, so that
+    # CatchUnhandled logs it and answers a generic 500.
+    unavailable = unavailable_error(exc, request.app.state.settings.database_url)
+    if unavailable is None:
+        raise exc
+    logger.warning("%s %s: %s", request.method, request.url.path, unavailable.message)
+    return error_response(unavailable)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -47,6 +62,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def add_exception_handlers(app: FastAPI) -> None:
     """Render known errors; anything unexpected becomes a generic 500 (see CatchUnhandled)."""
     app.add_exception_handler(DeltaregError, _deltareg_error)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeoutError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(CatchUnhandled)

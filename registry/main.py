@@ -6,13 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
+from deltareg.registry.aliases.routes import router as aliases_router
 from deltareg.registry.blobs.routes import router as blobs_router
 from deltareg.registry.config import Settings
 from deltareg.registry.db import Database
 from deltareg.registry.errors import add_exception_handlers
-from deltareg.registry.migrate import upgrade
+from deltareg.registry.gc.task import periodic_gc
+from deltareg.registry.migrate import check_schema, upgrade
 from deltareg.registry.storage import open_store
 from deltareg.registry.versions.routes import router as versions_router
 
@@ -20,11 +22,14 @@ from deltareg.registry.versions.routes import router as versions_router
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A registry app for ``settings`` (default: from DELTAREG_* variables).
 
-    The store is opened here, so a bad DELTAREG_STORAGE_URL fails at once; the database is migrated
-    at startup when ``auto_migrate`` is on.
+    The store is opened here (for S3: the boto3 client, no traffic yet), so a bad DELTAREG_STORAGE_URL
+    fails at once. The database is migrated at startup when ``auto_migrate`` is on; otherwise its schema
+    must already be current, or this raises SchemaNotReady naming the command to run.
     """
     settings = settings or Settings()
-    store = open_store(settings.storage_url)
+    store = open_store(settings.storage_url, settings)
+    if not settings.auto_migrate:
+        check_schema(settings.database_url)
     database = Database.connect(settings.database_url)
 
     @asynccontextmanager
@@ -32,7 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.auto_migrate:
             await anyio.to_thread.run_sync(upgrade, settings.database_url)
         try:
-            yield
+            async with periodic_gc(database, store):  # DELTAREG_GC_INTERVAL_SECONDS; off by default
+                yield
         finally:
             database.dispose()
 
@@ -43,10 +49,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_exception_handlers(app)
     app.include_router(blobs_router)
     app.include_router(versions_router)
+    app.include_router(aliases_router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
+    app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"])
     return app
 
 
 def healthz() -> dict[str, str]:
     """Liveness check."""
     return {"status": "ok"}
+
+
+def readyz(request: Request) -> dict[str, str]:
+    """Readiness check: the database answers with the current schema and the blob store is usable.
+
+    503 ``service_unavailable`` naming the problem otherwise (sync: runs in the thread pool).
+    """
+    settings: Settings = request.app.state.settings
+    check_schema(settings.database_url, request.app.state.database.engine)
+    request.app.state.store.check()
+    return {"status": "ready"}

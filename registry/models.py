@@ -14,11 +14,13 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -27,6 +29,7 @@ from sqlalchemy.types import TypeDecorator
 DIGEST_LENGTH = len("sha256:") + 64
 FINGERPRINT_LENGTH = len("tmv1:") + 64
 NAME_PART_LENGTH = 64
+EPOCH = "1970-01-01 00:00:00"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -76,6 +79,13 @@ class Blob(Base):
     digest: Mapped[str] = mapped_column(String(DIGEST_LENGTH), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # When a push last said it will reference this blob (upload, upload plan, complete). Garbage
+    # collection removes an unreferenced blob only once this is older than the grace period.
+    # The server default only fills rows that existed before the column (migration 0003 then copies
+    # created_at); the application always sets it.
+    last_used_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=utcnow, server_default=text(f"'{EPOCH}'"), index=True
+    )
 
 
 class Repo(Base):
@@ -121,7 +131,8 @@ class VersionFile(Base):
 
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), primary_key=True)
     path: Mapped[str] = mapped_column(String(255), primary_key=True)
-    blob_digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"))
+    # Indexed: garbage collection asks "does any file reference this blob?" for every candidate.
+    blob_digest: Mapped[str] = mapped_column(ForeignKey("blobs.digest"), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -135,4 +146,41 @@ class Eval(Base):
     name: Mapped[str] = mapped_column(String(128))
     value: Mapped[float] = mapped_column(Float)
     dataset: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+ALIAS_LENGTH = 64
+
+
+class Alias(Base):
+    """A movable name on a repo (``production``) pointing at one of its versions.
+
+    Moved only by compare-and-swap in the database (see deltareg.registry.aliases.repository), so two
+    replicas moving the same alias cannot both win.
+    """
+
+    __tablename__ = "aliases"
+
+    repo_id: Mapped[int] = mapped_column(ForeignKey("repos.id"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(ALIAS_LENGTH), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AliasMove(Base):
+    """One move of an alias, appended in the transaction that moved it: the alias history."""
+
+    __tablename__ = "alias_moves"
+    # "Where did this alias point at time T" reads the newest move at or before T.
+    __table_args__ = (Index("ix_alias_moves_repo_id_alias_created_at", "repo_id", "alias", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[int] = mapped_column(ForeignKey("repos.id"))
+    alias: Mapped[str] = mapped_column(String(ALIAS_LENGTH))
+    # None when the move created the alias.
+    from_version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    to_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -66,7 +66,5 @@ def main() -> None:
         sys.exit(130)
 
 
-from deltareg.client.cli import commands as _commands  # noqa: E402,F401  (registers the commands)
-from deltareg.client.cli import admin as _admin  # noqa: E402,F401
-from deltareg.client.cli import aliases as _aliases  # noqa: E402,F401
-from deltareg.client.cli import gc as _gc  # noqa: E402,F401
+# Importing the command modules registers their commands on `cli`.
+from deltareg.client.cli import admin, aliases, commands, gc  # noqa: E402,F401

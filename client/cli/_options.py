@@ -29,7 +29,7 @@ class Session:
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            self._registry = Registry(self.url, self.token)
+            self._registry = Registry(self.url, self.token, progress=False if self.as_json else None)
         return self._registry
 
     def emit(self, data: Any, human: str | Callable[[], None]) -> None:

@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from deltareg.registry.gc.repository import mark_in_use
 from deltareg.registry.models import Blob
 
 
@@ -23,12 +24,21 @@ class BlobRepository:
         rows = self.session.scalars(select(Blob).where(Blob.digest.in_(wanted)))
         return {row.digest: row for row in rows}
 
-    def ensure(self, digest: str, size: int) -> None:
-        """Record a stored blob unless it is recorded already (also by a concurrent upload)."""
-        if self.get(digest) is not None:
-            return
+    def mark_in_use(self, digests: Iterable[str]) -> dict[str, int]:
+        """Mark the recorded blobs among ``digests`` as used now; returns their recorded sizes.
+
+        The rows stay locked (PostgreSQL) until the transaction ends, so garbage collection cannot delete
+        a blob between this check and the commit that references it.
+        """
+        return mark_in_use(self.session, digests)
+
+    def ensure(self, digest: str, size: int) -> bool:
+        """Record a verified blob (or mark it used when it is recorded); True if this call recorded it."""
+        if self.mark_in_use([digest]):
+            return False
         try:
             with self.session.begin_nested():
                 self.session.add(Blob(digest=digest, size=size))
         except IntegrityError:
-            pass  # a concurrent upload of the same bytes recorded it first: same digest, same size
+            return False  # a concurrent upload of the same bytes recorded it first: same digest, same size
+        return True

@@ -8,12 +8,21 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
 from deltareg.client.errors import InvalidInput
-from deltareg.registry.blobs.schemas import BlobStored, UploadPlan, UploadRequest
+from deltareg.registry.blobs.schemas import (
+    BlobStored,
+    CompleteRequest,
+    DownloadPlan,
+    DownloadRequest,
+    UploadPlan,
+    UploadRequest,
+)
 from deltareg.registry.blobs.service import BlobService
 from deltareg.registry.body import json_body, openapi_body
 from deltareg.registry.deps import SessionDep, SettingsDep, StoreDep
 from deltareg.registry.storage import LocalFile
 
+# Every route is sync: FastAPI runs it in its thread pool, so blocking store calls (disk, boto3) never
+# run on the event loop.
 router = APIRouter(prefix="/api/v1/blobs", tags=["blobs"])
 
 
@@ -23,12 +32,30 @@ def get_blob_service(session: SessionDep, store: StoreDep, settings: SettingsDep
 
 BlobServiceDep = Annotated[BlobService, Depends(get_blob_service)]
 UploadRequestBody = Annotated[UploadRequest, Depends(json_body(UploadRequest, lambda s: s.max_json_bytes))]
+CompleteRequestBody = Annotated[
+    CompleteRequest, Depends(json_body(CompleteRequest, lambda s: s.max_json_bytes))
+]
+DownloadRequestBody = Annotated[
+    DownloadRequest, Depends(json_body(DownloadRequest, lambda s: s.max_json_bytes))
+]
 
 
 @router.post("/uploads", openapi_extra=openapi_body(UploadRequest))
 def plan_uploads(body: UploadRequestBody, service: BlobServiceDep) -> UploadPlan:
-    """Report which blobs are present and where to upload the missing ones."""
+    """Report which blobs are present and how to upload the missing ones (one PUT, or multipart)."""
     return UploadPlan(blobs=service.plan_uploads(body.blobs))
+
+
+@router.post("/downloads", openapi_extra=openapi_body(DownloadRequest))
+def plan_downloads(body: DownloadRequestBody, service: BlobServiceDep) -> DownloadPlan:
+    """Where to download each blob from (Range requests supported there)."""
+    return DownloadPlan(blobs=service.download_targets(body.digests))
+
+
+@router.post("/{digest}/complete", openapi_extra=openapi_body(CompleteRequest))
+def complete_upload(digest: str, body: CompleteRequestBody, service: BlobServiceDep) -> BlobStored:
+    """Finish a direct upload: the server checks the bytes' sha256 and size, then records the blob."""
+    return service.complete(digest, body)
 
 
 @router.put("/{digest}", status_code=201, responses={200: {"model": BlobStored}})
@@ -42,9 +69,9 @@ def upload_blob(digest: str, request: Request, response: Response, service: Blob
 
 @router.get("/{digest}", response_class=Response)
 @router.head("/{digest}", response_class=Response)
-def download_blob(digest: str, service: BlobServiceDep) -> Response:
-    """Download a blob (Range requests supported)."""
-    location = service.locate(digest)
+def download_blob(digest: str, request: Request, service: BlobServiceDep) -> Response:
+    """Download a blob (Range requests supported); with S3, a redirect to a presigned URL."""
+    location = service.locate(digest, head=request.method == "HEAD")
     if isinstance(location, LocalFile):
         return FileResponse(location.path, media_type="application/octet-stream")
     return RedirectResponse(location.url, status_code=307)

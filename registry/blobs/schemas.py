@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltareg.client.refs import DIGEST
 
 MAX_BLOBS_PER_REQUEST = 256
+MAX_PARTS = 10_000
+DigestStr = Annotated[str, Field(pattern=f"^{DIGEST.pattern}$", description="sha256:<64 hex>")]
 
 
 class BlobRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    digest: str = Field(pattern=f"^{DIGEST.pattern}$", description="sha256:<64 hex>")
+    digest: DigestStr
     size: int = Field(ge=0)
 
 
@@ -20,19 +24,76 @@ class UploadRequest(BaseModel):
     blobs: list[BlobRef] = Field(min_length=1, max_length=MAX_BLOBS_PER_REQUEST)
 
 
+class PutInstructions(BaseModel):
+    """One PUT of the whole body to ``url`` with ``headers``. A relative url is the registry's own."""
+
+    kind: Literal["put"] = "put"
+    url: str
+    headers: dict[str, str]
+
+
+class PartTarget(BaseModel):
+    number: int
+    url: str
+    offset: int
+    size: int
+
+
+class MultipartInstructions(BaseModel):
+    """PUT each part's bytes to its url (in parallel, retried), keep each ETag, then complete."""
+
+    kind: Literal["multipart"] = "multipart"
+    upload_id: str
+    part_size: int
+    parts: list[PartTarget]
+
+
 class UploadTarget(BaseModel):
     digest: str
     size: int
     present: bool
-    # Relative to the registry's base URL when uploads go through the API; absolute when presigned.
+    # Same as upload.url for a single PUT, else None (kept for clients of the first API version).
     upload_url: str | None
+    upload: PutInstructions | MultipartInstructions | None = Field(discriminator="kind")
 
 
 class UploadPlan(BaseModel):
     blobs: list[UploadTarget]
 
 
+class CompletedPartIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    number: int = Field(ge=1, le=MAX_PARTS)
+    etag: str = Field(min_length=1, max_length=256)
+
+
+class CompleteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    upload_id: str | None = Field(default=None, max_length=2048)
+    parts: list[CompletedPartIn] = Field(default_factory=list, max_length=MAX_PARTS)
+
+
 class BlobStored(BaseModel):
     digest: str
     size: int
     created: bool
+
+
+class DownloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    digests: list[DigestStr] = Field(min_length=1, max_length=MAX_BLOBS_PER_REQUEST)
+
+
+class DownloadTarget(BaseModel):
+    digest: str
+    size: int
+    # Relative to the registry's base URL (served by the registry, Range supported) or absolute
+    # (presigned; send no registry credentials there).
+    url: str
+
+
+class DownloadPlan(BaseModel):
+    blobs: list[DownloadTarget]

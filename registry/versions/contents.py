@@ -12,6 +12,7 @@ from deltareg.registry.storage import BlobStore
 
 MIB = 1 << 20
 MAX_ADAPTER_CONFIG_BYTES = MIB
+HEADER_READ_AHEAD = 64 * 1024
 # The files a PEFT LoRA adapter folder must contain (save_pretrained's names).
 LORA_REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -24,30 +25,42 @@ class ContentChecker:
         self.store = store
 
     def check(self, manifest: Manifest) -> None:
-        self._check_blobs_present(manifest.files)
+        """Store checks first (no transaction is held while they read), then the database: every blob
+        recorded (= verified), marked in use so garbage collection keeps it until the version commits."""
+        self._check_blobs_stored(manifest.files)
         for entry in manifest.files:
             if entry.path.lower().endswith(".safetensors"):
                 self._check_safetensors(entry)
         if manifest.kind == "lora":
             self._check_lora(manifest)
+        self._check_blobs_recorded(manifest.files)
 
-    def _check_blobs_present(self, files: list[FileEntry]) -> None:
-        recorded = self.blobs.get_many(entry.digest for entry in files)
+    def _check_blobs_stored(self, files: list[FileEntry]) -> None:
+        sizes = self.store.sizes_of(entry.digest for entry in files)
         for entry in files:
-            row = recorded.get(entry.digest)
-            stored_size = self.store.size_of(entry.digest)
-            if row is None or stored_size is None:
-                raise MissingBlob(
-                    f"file {entry.path!r}: blob {entry.digest} is not in the registry; upload it first"
-                )
-            if row.size != entry.size or stored_size != entry.size:
-                raise InvalidManifest(
-                    f"file {entry.path!r}: the manifest says {entry.size} bytes but blob {entry.digest} "
-                    f"has {stored_size} bytes"
-                )
+            stored_size = sizes[entry.digest]
+            if stored_size is None:
+                raise _missing(entry)
+            if stored_size != entry.size:
+                raise _wrong_size(entry, stored_size)
+
+    def _check_blobs_recorded(self, files: list[FileEntry]) -> None:
+        recorded = self.blobs.mark_in_use(entry.digest for entry in files)
+        for entry in files:
+            size = recorded.get(entry.digest)
+            if size is None:
+                raise _missing(entry)
+            if size != entry.size:
+                raise _wrong_size(entry, size)
 
     def _check_safetensors(self, entry: FileEntry) -> None:
+        # The header is read in two steps (its length, then itself); one read of the file's start
+        # usually holds both, which saves a round trip to a remote store.
+        start = self.store.read_range(entry.digest, 0, min(entry.size, HEADER_READ_AHEAD))
+
         def read_at(offset: int, length: int) -> bytes:
+            if offset + length <= len(start):
+                return start[offset : offset + length]
             data: bytes = self.store.read_range(entry.digest, offset, length)
             return data
 
@@ -73,3 +86,13 @@ class ContentChecker:
             raise InvalidAdapter(f"adapter_config.json is not valid UTF-8 JSON ({exc!s:.200})") from None
         if not isinstance(config, dict):
             raise InvalidAdapter("adapter_config.json must hold a JSON object")
+
+
+def _missing(entry: FileEntry) -> MissingBlob:
+    return MissingBlob(f"file {entry.path!r}: blob {entry.digest} is not in the registry; upload it first")
+
+
+def _wrong_size(entry: FileEntry, size: int) -> InvalidManifest:
+    return InvalidManifest(
+        f"file {entry.path!r}: the manifest says {entry.size} bytes but blob {entry.digest} has {size} bytes"
+    )

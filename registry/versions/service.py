@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from deltareg.client.errors import AliasNotFound, InvalidManifest, RepoNotFound, VersionNotFound
+from deltareg.client.errors import AliasNotFound, InvalidManifest, MissingBlob, RepoNotFound, VersionNotFound
 from deltareg.client.manifest import Manifest
 from deltareg.client.refs import Reference, RepoName, validate_name_part
+from deltareg.registry.aliases.repository import AliasRepository
 from deltareg.registry.blobs.repository import BlobRepository
 from deltareg.registry.evals.repository import EvalRepository
 from deltareg.registry.evals.schemas import EvalIn, EvalOut
@@ -31,6 +33,7 @@ class VersionService:
         self.repos = RepoRepository(session)
         self.versions = VersionRepository(session)
         self.evals = EvalRepository(session)
+        self.aliases = AliasRepository(session)
         self.contents = ContentChecker(BlobRepository(session), store)
 
     # ---- writes
@@ -56,7 +59,10 @@ class VersionService:
         again = self.versions.by_digest(repo.id, manifest.digest)
         if again is not None:
             return self._created(repo, again, created=False)
-        version = self._record(repo, manifest)
+        try:
+            version = self._record(repo, manifest)
+        except IntegrityError as exc:
+            raise _missing_blob_or(exc) from exc
         self.evals.add(version.id, evals or [])
         return self._created(repo, (version, sum(f.size for f in manifest.files)), created=True)
 
@@ -123,9 +129,12 @@ class VersionService:
         """The version a reference names (newest, by number, by manifest digest)."""
         repo = self._require_repo(ref.repo)
         if ref.alias is not None:
-            # Aliases arrive in a later release; until then none is defined.
-            raise AliasNotFound(f"alias {ref.alias!r} is not defined on {ref.repo}")
-        if ref.version is not None:
+            holder = self.aliases.get(repo.id, ref.alias)
+            if holder is None:
+                raise AliasNotFound(f"alias {ref.alias!r} is not defined on {ref.repo}")
+            found = self.versions.by_number(repo.id, holder[1].number)
+            missing = f"alias {ref.alias!r} of {ref.repo} points to a missing version"
+        elif ref.version is not None:
             found = self.versions.by_number(repo.id, ref.version)
             missing = f"{ref.repo} has no version {ref.version}"
         elif ref.digest is not None:
@@ -156,6 +165,20 @@ class VersionService:
         if repo is None:
             raise RepoNotFound(f"repository {repo_name} does not exist")
         return repo
+
+
+def _missing_blob_or(exc: IntegrityError) -> Exception:
+    """A version file whose blob row vanished after the content check: garbage collection removed it.
+
+    The foreign key from version_files to blobs refuses the insert (PostgreSQL; SQLite serializes
+    writers, so its check cannot be overtaken). The client uploads the blob again and retries.
+    """
+    if "fk_version_files_blob_digest_blobs" in str(exc.orig) or "FOREIGN KEY" in str(exc.orig):
+        return MissingBlob(
+            "a blob of this version was removed by garbage collection while the version was being "
+            "committed; upload it again and retry the push"
+        )
+    return exc
 
 
 def _summary(repo: Repo, sized: SizedVersion) -> VersionSummary:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 
 import pytest
-from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from deltareg.registry.config import Settings
+from deltareg.registry.db import make_engine
 from deltareg.registry.main import create_app
 from deltareg.registry.storage import UnsupportedStorageURL
 
@@ -42,10 +42,12 @@ def test_openapi_documents_the_routes(client):
 
 
 def test_unhandled_error_is_a_generic_500_and_logged(client, settings, caplog):
-    # Break the database under the running app: a genuine unexpected failure.
-    with sqlite3.connect(settings.database_url.removeprefix("sqlite:///")) as connection:
-        connection.execute("DROP TABLE version_files")
-        connection.execute("DROP TABLE versions")
+    # Break the database under the running app: a genuine unexpected failure, not an unavailable one.
+    engine = make_engine(settings.database_url)
+    with engine.begin() as connection:
+        for table in ("aliases", "alias_moves", "evals", "version_files", "versions"):
+            connection.execute(text(f"DROP TABLE {table}"))
+    engine.dispose()
     with caplog.at_level(logging.ERROR, logger="deltareg.registry"):
         response = client.get("/api/v1/repos")
     assert response.status_code == 500
@@ -76,17 +78,17 @@ def test_auto_migrate_defaults_off_for_a_server_database(monkeypatch):
     assert Settings().auto_migrate is True
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/prefix", "http://example.com/blobs", "relative/folder"])
+@pytest.mark.parametrize("url", ["s3:///no-bucket", "http://example.com/blobs", "relative/folder"])
 def test_unsupported_storage_url_fails_at_startup(tmp_path, url):
     settings = Settings(data_dir=tmp_path, storage_url=url)
     with pytest.raises(UnsupportedStorageURL, match="DELTAREG_STORAGE_URL"):
         create_app(settings)
 
 
-def test_data_survives_a_restart(settings):
-    with TestClient(create_app(settings)) as client:
+def test_data_survives_a_restart(make_registry):
+    with make_registry() as registry:
         data = b"persistent"
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        assert client.put(f"/api/v1/blobs/{digest}", content=data).status_code == 201
-    with TestClient(create_app(settings)) as client:
-        assert client.get(f"/api/v1/blobs/{digest}").content == data
+        assert registry.put_blob(data).status_code == 201
+    with make_registry() as registry:
+        assert registry.client.get(f"/api/v1/blobs/{digest}").content == data

@@ -92,28 +92,28 @@ def test_resolve_every_reference_form(registry, three_versions):
     assert resolve(registry, f"{REPO}@{second['digest']}").json() == second
 
 
-@pytest.mark.parametrize(
-    ("ref", "status", "code"),
-    [
-        (f"{REPO}:9", 404, "version_not_found"),
-        (f"{REPO}@sha256:{'0' * 64}", 404, "version_not_found"),
-        (f"{REPO}@production", 404, "alias_not_found"),
-        ("acme/unknown", 404, "repo_not_found"),
-        ("acme/unknown@production", 404, "repo_not_found"),
-        (f"{REPO}:0", 400, "invalid_reference"),
-        (f"{REPO}:x", 400, "invalid_reference"),
-        (f"{REPO}@sha256:abc", 400, "invalid_reference"),
-        (f"{REPO}@Prod!", 400, "invalid_name"),
-        ("Acme/Bot", 400, "invalid_name"),
-        ("a/b/c", 400, "invalid_name"),
-        ("../x", 400, "invalid_name"),
-        ("", 400, "invalid_name"),
-    ],
-)
-def test_resolve_errors(registry, three_versions, ref, status, code):
-    response = resolve(registry, ref)
-    assert response.status_code == status, response.text
-    assert response.json()["error"] == code
+RESOLVE_ERRORS = [
+    (f"{REPO}:9", 404, "version_not_found"),
+    (f"{REPO}@sha256:{'0' * 64}", 404, "version_not_found"),
+    (f"{REPO}@production", 404, "alias_not_found"),
+    ("acme/unknown", 404, "repo_not_found"),
+    ("acme/unknown@production", 404, "repo_not_found"),
+    (f"{REPO}:0", 400, "invalid_reference"),
+    (f"{REPO}:x", 400, "invalid_reference"),
+    (f"{REPO}@sha256:abc", 400, "invalid_reference"),
+    (f"{REPO}@Prod!", 400, "invalid_name"),
+    ("Acme/Bot", 400, "invalid_name"),
+    ("a/b/c", 400, "invalid_name"),
+    ("../x", 400, "invalid_name"),
+    ("", 400, "invalid_name"),
+]
+
+
+def test_resolve_errors(registry, three_versions):
+    # One registry for every case (each backend builds it once): none of them changes anything.
+    for ref, status, code in RESOLVE_ERRORS:
+        response = resolve(registry, ref)
+        assert (response.status_code, response.json()["error"]) == (status, code), (ref, response.text)
 
 
 def test_alias_error_names_the_alias_and_repo(registry, three_versions):

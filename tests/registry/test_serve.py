@@ -1,7 +1,9 @@
-"""The embedded server as a real process: ``python -m deltareg.registry.serve``, and concurrent pushes."""
+"""The server as a real process: ``python -m deltareg.registry.serve``, and concurrent pushes to it on
+every backend (version numbers come from the database's row lock + UPDATE ... RETURNING)."""
 
 from __future__ import annotations
 
+import os
 import re
 import selectors
 import subprocess
@@ -27,22 +29,30 @@ def _first_line(process: subprocess.Popen[str]) -> str:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def server(tmp_path: Path, backend: str, settings) -> Iterator[tuple[str, Path]]:
+    """The server for this test's backend; the embedded default (sqlite-fs) gets only --data-dir."""
     data_dir = tmp_path / "served"
+    env = {**os.environ}
+    if backend != "sqlite-fs":
+        env["DELTAREG_DATABASE_URL"] = settings.database_url
+        env["DELTAREG_STORAGE_URL"] = settings.storage_url
+        env["DELTAREG_S3_ENDPOINT_URL"] = settings.s3_endpoint_url or ""
     process = subprocess.Popen(
         [sys.executable, "-m", "deltareg.registry.serve", "--port", "0", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env=env,
     )
     try:
         line = _first_line(process)
-        match = re.fullmatch(
-            r"deltareg registry listening on (http://127\.0\.0\.1:(\d+)) \(data in (.+)\)\n", line
-        )
+        match = re.fullmatch(r"deltareg registry listening on (http://127\.0\.0\.1:(\d+)) \((.+)\)\n", line)
         assert match, line
         assert match.group(2) != "0"
-        assert Path(match.group(3)) == data_dir.resolve()
+        if backend == "sqlite-fs":
+            assert match.group(3) == f"data in {data_dir.resolve()}"
+        else:
+            assert match.group(3) == f"database {settings.database_url}, blobs {settings.storage_url}"
         yield match.group(1), data_dir
     finally:
         process.terminate()
@@ -75,6 +85,7 @@ def _push_all_at_once(base_url: str, repo: str, manifests: list[dict]) -> list[h
     return [r for r in responses if r is not None]
 
 
+@pytest.mark.backends("sqlite-fs")
 def test_served_registry_answers_and_keeps_its_data_in_the_data_dir(server, build):
     base_url, data_dir = server
     with httpx.Client(base_url=base_url) as http:
@@ -87,15 +98,21 @@ def test_served_registry_answers_and_keeps_its_data_in_the_data_dir(server, buil
     assert len([p for p in (data_dir / "blobs" / "sha256").rglob("*") if p.is_file()]) == 2
 
 
+CONCURRENT_PUSHES = 12
+
+
 def test_concurrent_first_pushes_get_distinct_numbers(server, build):
     base_url, _ = server
-    file_sets = [build.lora_files(seed) for seed in range(6)]
+    file_sets = [build.lora_files(seed) for seed in range(CONCURRENT_PUSHES)]
     with httpx.Client(base_url=base_url) as http:
         for files in file_sets:
             _upload(http, build, files)
     responses = _push_all_at_once(base_url, "acme/race", [build.manifest_for(f) for f in file_sets])
-    assert [r.status_code for r in responses] == [201] * 6, [r.text for r in responses]
-    assert sorted(r.json()["number"] for r in responses) == [1, 2, 3, 4, 5, 6]
+    assert [r.status_code for r in responses] == [201] * CONCURRENT_PUSHES, [r.text for r in responses]
+    assert sorted(r.json()["number"] for r in responses) == list(range(1, CONCURRENT_PUSHES + 1))
+    with httpx.Client(base_url=base_url) as http:
+        shown = http.get("/api/v1/repos/acme/race").json()["versions"]
+    assert [v["number"] for v in shown] == list(range(CONCURRENT_PUSHES, 0, -1))
 
 
 def test_concurrent_identical_pushes_make_one_version(server, build):

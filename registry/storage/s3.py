@@ -1,0 +1,721 @@
+"""Blob store in an S3 bucket (AWS S3 or any S3-compatible store) through boto3.
+
+Keys under the configured prefix::
+
+    blobs/sha256/<ab>/<hex>        published blobs: written only by this server, after verification
+    uploads/<hex>/put              a client's single presigned PUT (staging)
+    uploads/<hex>/<token>          a client's multipart upload (staging)
+    uploads/<hex>/stream-<token>   an upload streamed through the registry API (staging)
+
+Clients never get a URL for a published key: they upload to staging, and ``complete_upload`` hashes the
+staged object (or, with ``trust_checksums``, accepts the store's own SHA-256 checksum), then copies it to
+its final key on the condition that its ETag is still the one that was verified. So a store that does not
+enforce ``x-amz-checksum-sha256`` (moto; some S3-compatible stores) can never publish unverified bytes,
+even if a client re-uses a presigned URL after the check.
+
+Every call blocks: the routes that use this store are sync and run in FastAPI's thread pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import math
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from deltareg.client.errors import (
+    Conflict,
+    DigestMismatch,
+    InvalidInput,
+    MissingBlob,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
+from deltareg.client.refs import DIGEST
+from deltareg.registry.config import GIB, MIB, S3_MAX_PART_BYTES, Settings
+from deltareg.registry.storage.base import (
+    BlobLocation,
+    CompletedPart,
+    MultipartUpload,
+    PutUpload,
+    RemoteURL,
+    StoredBlob,
+    UploadInstructions,
+    UploadPart,
+)
+
+logger = logging.getLogger("deltareg.registry.storage")
+
+MAX_PARTS = 10_000
+READ_CHUNK_BYTES = MIB
+# CopyObject copies at most 5 GiB; larger objects are copied in parts (UploadPartCopy).
+MAX_SINGLE_COPY_BYTES = 5 * GIB
+COPY_PART_BYTES = 512 * MIB
+# Uploads through the registry API are buffered and sent in parts of this size.
+STREAM_PART_BYTES = 16 * MIB
+# HEAD requests in flight at once when sizes_of asks about many blobs.
+PARALLEL_HEADS = 16
+# How often complete_upload re-verifies a staged object that changed under it before giving up.
+VERIFY_ATTEMPTS = 3
+TOKEN = re.compile(r"[0-9a-f]{32}")
+CREDENTIAL_ERRORS = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "InvalidToken",
+        "ExpiredToken",
+        "InvalidSecurity",
+        "AuthorizationHeaderMalformed",
+        "AllAccessDisabled",
+        "403",
+    }
+)
+NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
+PRECONDITION_FAILED = frozenset({"PreconditionFailed", "412"})
+
+
+class UnsupportedS3URL(ValueError):
+    """DELTAREG_STORAGE_URL is an s3:// URL without a bucket (a startup error)."""
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # "" or ending in "/"
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        """``s3://bucket/some/prefix`` -> bucket ``bucket``, key prefix ``some/prefix/``."""
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise UnsupportedS3URL(
+                f"DELTAREG_STORAGE_URL={url!r}: expected s3://bucket or s3://bucket/prefix"
+            )
+        prefix = parts.path.strip("/")
+        return cls(parts.netloc, f"{prefix}/" if prefix else "")
+
+
+_loader_lock = threading.Lock()
+_shared_loader: Any = None
+
+
+def _session() -> Any:
+    """A new boto3 session (credentials resolved afresh) that shares the parsed service models.
+
+    A fresh session per client keeps credential resolution independent between apps; sharing botocore's
+    data loader saves parsing the S3 model JSON again each time (~0.2 s).
+    """
+    import boto3
+    import botocore.loaders
+    import botocore.session
+
+    global _shared_loader
+    core = botocore.session.get_session()
+    with _loader_lock:
+        if _shared_loader is None:
+            _shared_loader = botocore.loaders.create_loader()
+        core.register_component("data_loader", _shared_loader)
+    return boto3.session.Session(botocore_session=core)
+
+
+def make_s3_client(settings: Settings, endpoint_url: str | None) -> Any:
+    """A boto3 S3 client for ``endpoint_url`` (None: AWS), credentials from the usual AWS sources."""
+    from botocore.config import Config
+
+    config = Config(
+        region_name=settings.s3_region,
+        signature_version="s3v4",
+        retries={"max_attempts": settings.s3_max_attempts, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+        max_pool_connections=64,
+        # Path-style URLs work on every S3-compatible store without wildcard DNS.
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+        # Only the checksums we ask for: newer botocore defaults (CRC32 trailers) break some stores.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    # Plain HTTP has no certificates to check; not loading the CA bundle saves time per client.
+    plain_http = endpoint_url is not None and endpoint_url.startswith("http://")
+    return _session().client(
+        "s3", endpoint_url=endpoint_url, config=config, verify=False if plain_http else None
+    )
+
+
+class S3BlobStore:
+    """Verified blobs in an S3 bucket; clients transfer bytes directly with presigned URLs."""
+
+    def __init__(
+        self,
+        client: Any,
+        location: S3Location,
+        *,
+        presign_client: Any = None,
+        endpoint_url: str | None = None,
+        presign_seconds: int = 900,
+        multipart_threshold: int = 64 * MIB,
+        part_size: int = 16 * MIB,
+        trust_checksums: bool = False,
+        max_single_copy_bytes: int = MAX_SINGLE_COPY_BYTES,
+        copy_part_bytes: int = COPY_PART_BYTES,
+        stream_part_bytes: int = STREAM_PART_BYTES,
+    ) -> None:
+        self.client = client
+        self.presign_client = presign_client or client
+        self.bucket = location.bucket
+        self.prefix = location.prefix
+        self.endpoint = _without_userinfo(endpoint_url) if endpoint_url else "the AWS S3 endpoint"
+        self.presign_seconds = presign_seconds
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self.trust_checksums = trust_checksums
+        self.max_single_copy_bytes = max_single_copy_bytes
+        self.copy_part_bytes = copy_part_bytes
+        self.stream_part_bytes = stream_part_bytes
+        self._heads = ThreadPoolExecutor(PARALLEL_HEADS, thread_name_prefix="deltareg-s3-head")
+
+    @classmethod
+    def from_settings(cls, url: str, settings: Settings) -> S3BlobStore:
+        """The store for ``s3://bucket/prefix`` with clients configured by ``settings``."""
+        location = S3Location.parse(url)
+        public = settings.s3_public_endpoint_url or settings.s3_endpoint_url
+        client = make_s3_client(settings, settings.s3_endpoint_url)
+        presign_client = client if public == settings.s3_endpoint_url else make_s3_client(settings, public)
+        return cls(
+            client,
+            location,
+            presign_client=presign_client,
+            endpoint_url=settings.s3_endpoint_url,
+            presign_seconds=settings.presign_seconds,
+            multipart_threshold=settings.multipart_threshold,
+            part_size=settings.multipart_part_size,
+            trust_checksums=settings.s3_trust_checksums,
+        )
+
+    # ---- keys
+
+    def blob_key(self, digest: str) -> str:
+        hex_digest = _hex(digest)
+        return f"{self.prefix}blobs/sha256/{hex_digest[:2]}/{hex_digest}"
+
+    def _staging_key(self, digest: str, name: str) -> str:
+        return f"{self.prefix}uploads/{_hex(digest)}/{name}"
+
+    # ---- reads
+
+    def size_of(self, digest: str) -> int | None:
+        return self.sizes_of([digest])[digest]
+
+    def sizes_of(self, digests: Iterable[str]) -> dict[str, int | None]:
+        wanted = list(dict.fromkeys(digests))
+        if len(wanted) == 1:
+            sizes = {wanted[0]: self._head_size(self.blob_key(wanted[0]))}
+        else:
+            sizes = dict(
+                zip(wanted, self._heads.map(self._head_size, map(self.blob_key, wanted)), strict=True)
+            )
+        if any(size is None for size in sizes.values()):
+            # A HEAD answers a bare 404 for a missing bucket too: tell "no such blob" from "no bucket".
+            self.check()
+        return sizes
+
+    def _head_size(self, key: str) -> int | None:
+        try:
+            head = self._call("head_object", Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND:
+                return None
+            raise
+        size: int = head["ContentLength"]
+        return size
+
+    def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        range_header = f"bytes={offset}-{offset + length - 1}"
+        try:
+            with self._translated():
+                response = self._call(
+                    "get_object", Bucket=self.bucket, Key=self.blob_key(digest), Range=range_header
+                )
+                data: bytes = response["Body"].read()
+        except ClientError as exc:
+            if _code(exc) == "InvalidRange":
+                return b""  # offset at or past the end
+            if _code(exc) in NOT_FOUND:
+                # Removed since the caller checked (garbage collection): the client uploads it again.
+                raise MissingBlob(f"blob {digest} is no longer in the store; upload it again") from None
+            raise
+        return data
+
+    def locate(self, digest: str, *, head: bool = False) -> BlobLocation | None:
+        # The method is part of a presigned URL's signature: a HEAD needs a URL of its own.
+        operation = "head_object" if head else "get_object"
+        return RemoteURL(self._presign(operation, Bucket=self.bucket, Key=self.blob_key(digest)))
+
+    def iter_blobs(self) -> Iterator[StoredBlob]:
+        for item in self._list_objects(f"{self.prefix}blobs/sha256/"):
+            *_, folder, name = item["Key"].split("/")
+            digest = "sha256:" + name
+            if DIGEST.fullmatch(digest) and folder == name[:2]:
+                yield StoredBlob(digest, item["Size"], item["LastModified"])
+
+    def check(self) -> None:
+        try:
+            self._call("head_bucket", Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND | {"NoSuchBucket"}:
+                raise ServiceUnavailable(self._bucket_missing()) from None
+            raise
+
+    # ---- direct uploads
+
+    def plan_upload(self, digest: str, size: int) -> UploadInstructions:
+        if size < self.multipart_threshold:
+            return self._plan_put(digest, size)
+        return self._plan_multipart(digest, size)
+
+    def _plan_put(self, digest: str, size: int) -> PutUpload:
+        checksum = _base64_sha256(digest)
+        url = self._presign(
+            "put_object",
+            Bucket=self.bucket,
+            Key=self._staging_key(digest, "put"),
+            ContentLength=size,
+            ContentType="application/octet-stream",
+            ChecksumSHA256=checksum,
+        )
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(size),
+            "x-amz-checksum-sha256": checksum,
+        }
+        return PutUpload(url, headers)
+
+    def _plan_multipart(self, digest: str, size: int) -> MultipartUpload:
+        part_size = _part_size(size, self.part_size)
+        token = uuid.uuid4().hex
+        key = self._staging_key(digest, token)
+        created = self._call(
+            "create_multipart_upload", Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+        )
+        s3_upload_id: str = created["UploadId"]
+        parts = []
+        for index, offset in enumerate(range(0, size, part_size)):
+            length = min(part_size, size - offset)
+            url = self._presign(
+                "upload_part",
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=s3_upload_id,
+                PartNumber=index + 1,
+                ContentLength=length,
+            )
+            parts.append(UploadPart(index + 1, url, offset, length))
+        return MultipartUpload(f"{token}.{s3_upload_id}", part_size, parts)
+
+    def complete_upload(
+        self, digest: str, upload_id: str | None, parts: list[CompletedPart], *, max_bytes: int
+    ) -> int:
+        if upload_id is None:
+            if parts:
+                raise InvalidInput("parts were given without the upload_id of a multipart upload")
+            key = self._staging_key(digest, "put")
+        else:
+            token, s3_upload_id = _split_upload_id(upload_id)
+            key = self._staging_key(digest, token)
+            self._complete_multipart(key, s3_upload_id, parts, digest)
+        try:
+            return self._verify_and_publish(key, digest, max_bytes)
+        except MissingBlob:
+            # A concurrent upload of the same bytes may have published it and removed the staging object.
+            published = self.size_of(digest)
+            if published is None:
+                raise
+            return published
+
+    def _complete_multipart(
+        self, key: str, s3_upload_id: str, parts: list[CompletedPart], digest: str
+    ) -> None:
+        if not parts:
+            raise InvalidInput("a multipart upload needs the ETag of every part")
+        numbers = [part.number for part in parts]
+        if sorted(numbers) != list(range(1, len(parts) + 1)):
+            raise InvalidInput("parts must be numbered 1..N, each once")
+        listing = [{"PartNumber": p.number, "ETag": p.etag} for p in sorted(parts, key=lambda p: p.number)]
+        try:
+            self._call(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=s3_upload_id,
+                MultipartUpload={"Parts": listing},
+            )
+        except ClientError as exc:
+            code = _code(exc)
+            if code == "NoSuchUpload":
+                raise MissingBlob(f"blob {digest}: no such multipart upload (finished or expired)") from None
+            if code in ("InvalidPart", "InvalidPartOrder", "EntityTooSmall", "MalformedXML"):
+                raise InvalidInput(
+                    f"blob {digest}: the store refused the parts ({code}); upload again"
+                ) from None
+            raise
+
+    def abort_upload(self, digest: str, upload_id: str) -> None:
+        token, s3_upload_id = _split_upload_id(upload_id)
+        try:
+            self._call(
+                "abort_multipart_upload",
+                Bucket=self.bucket,
+                Key=self._staging_key(digest, token),
+                UploadId=s3_upload_id,
+            )
+        except ClientError as exc:
+            if _code(exc) not in NOT_FOUND | {"NoSuchUpload"}:
+                raise
+
+    def _verify_and_publish(self, key: str, digest: str, max_bytes: int) -> int:
+        """Hash the staged object, copy exactly that version of it to the blob's key, drop the staging.
+
+        Concurrent uploads of the same digest share the single-PUT staging key: one of them may replace
+        it (412 on our conditional GET or copy: verify again) or publish and delete it (404: the caller
+        then finds the published blob).
+        """
+        for _ in range(VERIFY_ATTEMPTS):
+            try:
+                size, etag = self._verify(key, digest, max_bytes)
+                self._copy(key, self.blob_key(digest), size, etag)
+            except ClientError as exc:
+                if _code(exc) in PRECONDITION_FAILED:
+                    continue
+                if _code(exc) in NOT_FOUND:
+                    raise MissingBlob(f"blob {digest} was not uploaded (or its upload expired)") from None
+                raise
+            self._quietly("delete_object", Bucket=self.bucket, Key=key)  # clean_staging gets a leftover
+            return size
+        raise Conflict(f"the upload of blob {digest} kept changing while it was verified; upload it again")
+
+    def _verify(self, key: str, digest: str, max_bytes: int) -> tuple[int, str]:
+        """(size, ETag) of the staged object once it is known to hash to ``digest``.
+
+        Reads it back and hashes it (one GET); with ``trust_checksums`` a HEAD first, whose full-object
+        SHA-256 checksum, when the store has one, makes the read unnecessary.
+        """
+        try:
+            if self.trust_checksums:
+                head = self._call("head_object", Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+                self._check_size(key, digest, head["ContentLength"], max_bytes)
+                if head.get("ChecksumSHA256") == _base64_sha256(digest):
+                    return head["ContentLength"], head["ETag"]
+            size, etag, actual = self._hash_object(key, digest, max_bytes)
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND:
+                self.check()
+            raise
+        if actual != digest:
+            self._delete_key(key)
+            raise DigestMismatch(f"uploaded bytes hash to {actual}, not {digest}")
+        return size, etag
+
+    def _hash_object(self, key: str, digest: str, max_bytes: int) -> tuple[int, str, str]:
+        """(size, ETag, digest) of the object, read once."""
+        hasher = hashlib.sha256()
+        with self._translated():
+            response = self._call("get_object", Bucket=self.bucket, Key=key)
+            body = response["Body"]
+            try:
+                self._check_size(key, digest, response["ContentLength"], max_bytes)
+                for chunk in body.iter_chunks(READ_CHUNK_BYTES):
+                    hasher.update(chunk)
+            finally:
+                body.close()
+        return response["ContentLength"], response["ETag"], "sha256:" + hasher.hexdigest()
+
+    def _check_size(self, key: str, digest: str, size: int, max_bytes: int) -> None:
+        if size > max_bytes:
+            self._delete_key(key)
+            raise PayloadTooLarge(f"blob {digest} is {size} bytes, over the limit of {max_bytes} bytes")
+
+    def _copy(self, source_key: str, target_key: str, size: int, etag: str | None) -> None:
+        """Server-side copy, only of the object version with ``etag`` (when given)."""
+        source = {"Bucket": self.bucket, "Key": source_key}
+        condition = {"CopySourceIfMatch": etag} if etag else {}
+        if size <= self.max_single_copy_bytes:
+            self._call(
+                "copy_object",
+                Bucket=self.bucket,
+                Key=target_key,
+                CopySource=source,
+                ContentType="application/octet-stream",
+                MetadataDirective="REPLACE",
+                **condition,
+            )
+            return
+        created = self._call(
+            "create_multipart_upload",
+            Bucket=self.bucket,
+            Key=target_key,
+            ContentType="application/octet-stream",
+        )
+        upload_id = created["UploadId"]
+        try:
+            parts = []
+            for number, offset in enumerate(range(0, size, self.copy_part_bytes), start=1):
+                last = min(offset + self.copy_part_bytes, size) - 1
+                copied = self._call(
+                    "upload_part_copy",
+                    Bucket=self.bucket,
+                    Key=target_key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource=source,
+                    CopySourceRange=f"bytes={offset}-{last}",
+                    **condition,
+                )
+                parts.append({"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]})
+            self._call(
+                "complete_multipart_upload",
+                Bucket=self.bucket,
+                Key=target_key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            self._quietly("abort_multipart_upload", Bucket=self.bucket, Key=target_key, UploadId=upload_id)
+            raise
+
+    # ---- uploads through the registry API
+
+    def receive(self, digest: str, chunks: Iterable[bytes]) -> int:
+        key = self._staging_key(digest, f"stream-{uuid.uuid4().hex}")
+        try:
+            size, actual = self._stream_to(key, chunks)
+            if actual != digest:
+                raise DigestMismatch(f"uploaded bytes hash to {actual}, not {digest}")
+            # Nobody else knows this staging key, so no ETag condition is needed.
+            self._copy(key, self.blob_key(digest), size, None)
+            return size
+        finally:
+            self._quietly("delete_object", Bucket=self.bucket, Key=key)
+
+    def _stream_to(self, key: str, chunks: Iterable[bytes]) -> tuple[int, str]:
+        """Upload the chunks to ``key`` (one PUT, or parts when large); returns (size, digest)."""
+        hasher = hashlib.sha256()
+        size = 0
+        buffer = bytearray()
+        upload: _StreamedMultipart | None = None
+        try:
+            for chunk in chunks:
+                hasher.update(chunk)
+                size += len(chunk)
+                buffer += chunk
+                while len(buffer) >= self.stream_part_bytes:
+                    upload = upload or _StreamedMultipart.start(self, key)
+                    upload.send(bytes(buffer[: self.stream_part_bytes]))
+                    del buffer[: self.stream_part_bytes]
+            if upload is None:
+                self._call("put_object", Bucket=self.bucket, Key=key, Body=bytes(buffer))
+            else:
+                if buffer:
+                    upload.send(bytes(buffer))
+                upload.finish()
+        except BaseException:
+            if upload is not None:
+                upload.abort()
+            raise
+        return size, "sha256:" + hasher.hexdigest()
+
+    # ---- housekeeping
+
+    def delete(self, digest: str) -> None:
+        self._delete_key(self.blob_key(digest))
+
+    def clean_staging(self, older_than: datetime) -> int:
+        removed = 0
+        prefix = f"{self.prefix}uploads/"
+        for item in self._list_objects(prefix):
+            if item["LastModified"] < older_than:
+                self._delete_key(item["Key"])
+                removed += 1
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        with self._translated():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < older_than:
+                        key, upload_id = upload["Key"], upload["UploadId"]
+                        self._quietly(
+                            "abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id
+                        )
+                        removed += 1
+        return removed
+
+    def _list_objects(self, prefix: str) -> Iterator[dict[str, Any]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._translated():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                yield from page.get("Contents", [])
+
+    def _delete_key(self, key: str) -> None:
+        self._call("delete_object", Bucket=self.bucket, Key=key)
+
+    # ---- calls and their failures
+
+    def _call(self, operation: str, /, **params: Any) -> Any:
+        with self._translated():
+            try:
+                return getattr(self.client, operation)(**params)
+            except ClientError as exc:
+                if operation.startswith("head_") and _code(exc) == "403":
+                    # A HEAD answer has no body, so no error code: ask in a way that names it.
+                    self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+                raise
+
+    def _quietly(self, operation: str, /, **params: Any) -> None:
+        """A clean-up call whose failure must not hide the error being handled (it is only logged)."""
+        try:
+            self._call(operation, **params)
+        except Exception as exc:  # the leftover is staging; clean_staging removes it later
+            logger.warning("object store clean-up %s failed: %s", operation, exc)
+
+    def _presign(self, operation: str, **params: Any) -> str:
+        with self._translated():
+            url: str = self.presign_client.generate_presigned_url(
+                operation, Params=params, ExpiresIn=self.presign_seconds
+            )
+        return url
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Turn "the store is unusable" failures into ServiceUnavailable; other errors pass through."""
+        try:
+            yield
+        except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError):
+            raise ServiceUnavailable(
+                "object store credentials are missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ) from None
+        except (BotoConnectionError, HTTPClientError):
+            raise ServiceUnavailable(f"object store unreachable at {self.endpoint}") from None
+        except ClientError as exc:
+            reason = self._unavailable_reason(exc)
+            if reason is None:
+                raise
+            raise ServiceUnavailable(reason) from None
+        except BotoCoreError as exc:
+            raise ServiceUnavailable(f"object store error: {type(exc).__name__}") from None
+
+    def _unavailable_reason(self, exc: ClientError) -> str | None:
+        code = _code(exc)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code == "NoSuchBucket":
+            return self._bucket_missing()
+        if code in CREDENTIAL_ERRORS:
+            return f"object store refused the credentials ({'403 Forbidden' if code == '403' else code})"
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
+            return f"object store unavailable at {self.endpoint} ({code})"
+        return None
+
+    def _bucket_missing(self) -> str:
+        return f"object store unavailable: bucket {self.bucket!r} does not exist"
+
+
+@dataclass
+class _StreamedMultipart:
+    """A multipart upload the server itself sends (uploads through the registry API)."""
+
+    store: S3BlobStore
+    key: str
+    upload_id: str
+    parts: list[dict[str, Any]]
+
+    @classmethod
+    def start(cls, store: S3BlobStore, key: str) -> _StreamedMultipart:
+        created = store._call("create_multipart_upload", Bucket=store.bucket, Key=key)
+        return cls(store, key, created["UploadId"], [])
+
+    def send(self, data: bytes) -> None:
+        number = len(self.parts) + 1
+        sent = self.store._call(
+            "upload_part",
+            Bucket=self.store.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            Body=data,
+        )
+        self.parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+
+    def finish(self) -> None:
+        self.store._call(
+            "complete_multipart_upload",
+            Bucket=self.store.bucket,
+            Key=self.key,
+            UploadId=self.upload_id,
+            MultipartUpload={"Parts": self.parts},
+        )
+
+    def abort(self) -> None:
+        self.store._quietly(
+            "abort_multipart_upload", Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id
+        )
+
+
+def _hex(digest: str) -> str:
+    # Callers validate digests; this check keeps a bad one from ever becoming a key.
+    if not DIGEST.fullmatch(digest):
+        raise ValueError(f"not a blob digest: {digest!r}")
+    return digest.removeprefix("sha256:")
+
+
+def _base64_sha256(digest: str) -> str:
+    """The digest in the form S3 checksums use: base64 of the raw 32 bytes."""
+    return base64.b64encode(bytes.fromhex(_hex(digest))).decode("ascii")
+
+
+def _part_size(size: int, preferred: int) -> int:
+    """``preferred``, or larger (whole MiB) when the blob would need more than 10000 parts."""
+    needed = math.ceil(size / MAX_PARTS)
+    if needed <= preferred:
+        return preferred
+    part = math.ceil(needed / MIB) * MIB
+    if part > S3_MAX_PART_BYTES:
+        raise PayloadTooLarge(f"a blob of {size} bytes is over what S3 can hold in one object")
+    return part
+
+
+def _split_upload_id(upload_id: str) -> tuple[str, str]:
+    """Our upload ids are ``<token>.<S3 UploadId>``; the token names the staging key."""
+    token, _, s3_upload_id = upload_id.partition(".")
+    if not TOKEN.fullmatch(token) or not s3_upload_id:
+        raise InvalidInput(f"invalid upload_id {upload_id!r}: use the one from POST /api/v1/blobs/uploads")
+    return token, s3_upload_id
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", "")).rstrip("/")

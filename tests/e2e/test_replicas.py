@@ -1,0 +1,303 @@
+"""Two registry server processes over one database and one store stay consistent.
+
+64 concurrent pushes to one repo spread over both replicas number the versions exactly 1..64; concurrent
+compare-and-swap moves of one alias have exactly one winner per expected value, through the API and
+through the real CLI. Run on SQLite + a blob folder (two processes over one data dir) and on PostgreSQL +
+S3 (moto).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from deltareg.client.api import Registry
+
+pytestmark = pytest.mark.slow
+
+REPO = "acme/bot"
+BASE = "tmv1:" + "ab" * 32
+PUSHES = 64
+DELTAREG = str(Path(sys.executable).with_name("deltareg"))
+FIVE_XX = re.compile(r'" 5\d\d ')  # uvicorn access log: "POST /path HTTP/1.1" 500 Internal Server Error
+
+
+# ---- server processes -----------------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """Where the replicas keep their state: DELTAREG_* variables for every server process."""
+
+    name: str
+    env: dict[str, str]
+    data_dir: Path
+
+
+@dataclass
+class ServerProcess:
+    """``python -m deltareg.registry.serve`` on a free loopback port, with its log in a file."""
+
+    backend: Backend
+    log_path: Path
+    url: str = ""
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        port = _free_port()
+        env = {**os.environ, **self.backend.env}
+        env.pop("DELTAREG_DEBUG", None)
+        command = [sys.executable, "-m", "deltareg.registry.serve", "--host", "127.0.0.1"]
+        command += ["--port", str(port), "--data-dir", str(self.backend.data_dir)]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        _wait_healthy(self.url, self.proc, self.log_path)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no cleanup, whatever was in flight stays where it was."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def server_errors(self) -> list[str]:
+        return [
+            line for line in self.log_path.read_text(errors="replace").splitlines() if FIVE_XX.search(line)
+        ]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"registry exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
+            )
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"registry at {url} did not come up:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture(params=["sqlite-fs", "postgres-s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """SQLite + blob folder in one data dir, or a fresh PostgreSQL database + a fresh moto S3 bucket."""
+    data_dir = tmp_path / "data"
+    if request.param == "sqlite-fs":
+        # Migrated once here: two processes migrating one SQLite file at the same moment would race.
+        from deltareg.registry.config import Settings
+        from deltareg.registry.migrate import upgrade
+
+        upgrade(Settings(data_dir=data_dir).database_url)
+        return Backend("sqlite-fs", {}, data_dir)
+    database_url = request.getfixturevalue("migrated_postgres_database")
+    s3 = request.getfixturevalue("moto_s3")
+    env = {
+        "DELTAREG_DATABASE_URL": database_url,
+        "DELTAREG_STORAGE_URL": f"s3://{s3.make_bucket()}/registry",
+        "DELTAREG_S3_ENDPOINT_URL": s3.endpoint_url,
+    }
+    return Backend("postgres-s3", env, data_dir)
+
+
+@pytest.fixture
+def replicas(backend: Backend, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    servers = [ServerProcess(backend, tmp_path / f"replica-{i}.log") for i in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+    for server in servers:
+        assert server.server_errors() == [], f"{server.log_path} shows 5xx answers"
+
+
+# ---- adapters -------------------------------------------------------------------------------------
+
+
+def make_adapter(folder: Path, seed: int) -> Path:
+    """A minimal PEFT LoRA adapter folder (one target module), different bytes for every seed."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "base_model.model.layer.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
+        "base_model.model.layer.lora_B.weight": rng.standard_normal((16, 2)).astype(np.float32),
+    }
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def push(url: str, adapter: Path, cache: Path) -> int:
+    with Registry(url, cache_dir=cache, progress=False) as registry:
+        return registry.push(adapter, REPO, base=BASE).version.number
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+
+
+def test_concurrent_pushes_across_replicas_number_versions_without_gaps(replicas, tmp_path):
+    adapters = [make_adapter(tmp_path / f"adapter-{i}", seed=i) for i in range(PUSHES)]
+    start = threading.Barrier(16)
+
+    def one_push(i: int) -> int:
+        if i < 16:
+            start.wait(timeout=60)  # the first wave leaves together
+        return push(replicas[i % 2].url, adapters[i], tmp_path / f"cache-{i}")
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        numbers = list(pool.map(one_push, range(PUSHES)))
+
+    assert sorted(numbers) == list(range(1, PUSHES + 1))
+    for server in replicas:
+        listed = httpx.get(f"{server.url}/api/v1/repos/{REPO}", timeout=30).json()
+        assert [v["number"] for v in listed["versions"]] == list(range(PUSHES, 0, -1))
+    with Registry(replicas[1].url, cache_dir=tmp_path / "verify", progress=False) as registry:
+        for i in (0, PUSHES // 2, PUSHES - 1):  # what was pushed is what is served, by either replica
+            number = numbers[i]
+            pulled = registry.pull(f"{REPO}:{number}")
+            original = (adapters[i] / "adapter_model.safetensors").read_bytes()
+            assert (pulled.path / "adapter_model.safetensors").read_bytes() == original
+
+
+def _move(url: str, alias: str, version: int, expected: int | None) -> httpx.Response:
+    body = {"version": version, "expected": expected, "reason": f"to {version}"}
+    return httpx.put(f"{url}/api/v1/repos/{REPO}/aliases/{alias}", json=body, timeout=60)
+
+
+def _race(replicas: list[ServerProcess], moves: list[tuple[int, int | None]]) -> list[httpx.Response]:
+    """Send every (version, expected) move of ``production`` at once, alternating replicas."""
+    start = threading.Barrier(len(moves))
+
+    def send(i: int) -> httpx.Response:
+        start.wait(timeout=60)
+        version, expected = moves[i]
+        return _move(replicas[i % 2].url, "production", version, expected)
+
+    with ThreadPoolExecutor(max_workers=len(moves)) as pool:
+        return list(pool.map(send, range(len(moves))))
+
+
+def _holder(url: str, alias: str) -> int:
+    answer = httpx.get(f"{url}/api/v1/resolve", params={"ref": f"{REPO}@{alias}"}, timeout=30)
+    return int(answer.json()["number"])
+
+
+def test_concurrent_alias_moves_have_exactly_one_winner_per_expected_value(replicas, tmp_path):
+    for i in range(8):
+        push(replicas[i % 2].url, make_adapter(tmp_path / f"adapter-{i}", seed=i), tmp_path / "cache")
+
+    # Creation: everyone expects the alias not to exist yet.
+    answers = _race(replicas, [(version, None) for version in range(1, 9)])
+    winners = [a for a in answers if a.status_code == 200]
+    assert len(winners) == 1, [a.text for a in answers]
+    assert all(a.status_code == 409 and a.json()["error"] == "conflict" for a in answers if a not in winners)
+    holder = winners[0].json()["version"]
+    history = [(None, holder)]
+
+    for _round in range(5):  # then 7 movers at a time, all expecting the current holder
+        targets = [v for v in range(1, 9) if v != holder]
+        answers = _race(replicas, [(version, holder) for version in targets])
+        winners = [a for a in answers if a.status_code == 200]
+        assert len(winners) == 1, [a.text for a in answers]
+        losers = [a for a in answers if a not in winners]
+        assert all(a.status_code == 409 for a in losers)
+        new_holder = winners[0].json()["version"]
+        assert winners[0].json()["previous"] == holder
+        assert all(f"points to {new_holder}, not {holder} as expected" in a.json()["detail"] for a in losers)
+        history.append((holder, new_holder))
+        holder = new_holder
+        assert _holder(replicas[0].url, "production") == _holder(replicas[1].url, "production") == holder
+
+    assert _moves_recorded(replicas[0].backend) == history
+    _cli_promotes_never_overwrite(replicas, tmp_path)
+
+
+def _moves_recorded(backend: Backend) -> list[tuple[int | None, int]]:
+    """(from, to) version numbers of every recorded move of ``production``, oldest first."""
+    from sqlalchemy import text
+
+    from deltareg.registry.config import Settings
+    from deltareg.registry.db import make_engine
+
+    url = backend.env.get("DELTAREG_DATABASE_URL") or Settings(data_dir=backend.data_dir).database_url
+    engine = make_engine(url)
+    query = text(
+        "SELECT f.number, t.number FROM alias_moves m LEFT JOIN versions f ON f.id = m.from_version_id "
+        "JOIN versions t ON t.id = m.to_version_id WHERE m.alias = 'production' ORDER BY m.id"
+    )
+    try:
+        with engine.connect() as connection:
+            return [(row[0], row[1]) for row in connection.execute(query)]
+    finally:
+        engine.dispose()
+
+
+def _cli(url: str, tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "DELTAREG_URL": url, "DELTAREG_CACHE_DIR": str(tmp_path / "cli-cache")}
+    env.pop("DELTAREG_DEBUG", None)
+    pipe = subprocess.PIPE
+    return subprocess.Popen([DELTAREG, *args], env=env, stdout=pipe, stderr=pipe, text=True)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def _cli_promotes_never_overwrite(replicas: list[ServerProcess], tmp_path: Path) -> None:
+    """Through the real CLI: two operators on two replicas promoting over each other's head."""
+    promote = ("promote", "--alias", "canary")
+    code, _out, err = _finish(_cli(replicas[0].url, tmp_path, *promote, f"{REPO}:1", "--expect", "none"))
+    assert code == 0, err
+
+    racers = [_cli(replicas[i].url, tmp_path, *promote, f"{REPO}:{2 + i}", "--expect", "1") for i in range(2)]
+    results = [_finish(proc) for proc in racers]
+    assert sorted(code for code, _out, _err in results) == [0, 1], results
+    winner = next(i for i, (code, _out, _err) in enumerate(results) if code == 0)
+    assert f"alias canary of {REPO} points to {2 + winner}, not 1 as expected" in results[1 - winner][2]
+    assert _holder(replicas[1].url, "canary") == 2 + winner
+
+    # Without --expect the CLI reads the holder first, so a plain promote moves it.
+    code, out, err = _finish(_cli(replicas[1].url, tmp_path, *promote, f"{REPO}:4", "--reason", "hotfix"))
+    assert code == 0, err
+    assert f"moved canary of {REPO}: {2 + winner} -> 4" in out
+    code, out, err = _finish(_cli(replicas[0].url, tmp_path, "aliases", REPO, "--json"))
+    assert code == 0, err
+    assert ("canary", 4) in [(a["name"], a["version"]) for a in json.loads(out)["aliases"]]

@@ -1,0 +1,299 @@
+"""The blob transfer protocol on S3 (moto): presigned uploads and downloads, verification at complete.
+
+moto accepts any body on a presigned PUT and does not check x-amz-checksum-sha256, so these tests also
+show that the server's own check (reading the upload back) catches what the store lets through.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from deltareg.registry.config import MIB
+from deltareg.registry.storage.s3 import S3BlobStore, S3Location, _part_size, make_s3_client
+
+pytestmark = pytest.mark.backends("s3")
+REPO = "acme/bot"
+
+
+def checksum_of(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def uploads_in_progress(registry) -> list[str]:
+    return [name for name in registry.stored_blob_files() if name.startswith("multipart:")]
+
+
+def test_a_small_blob_uploads_with_one_presigned_put_carrying_its_checksum(registry):
+    data = b"small weights" * 100
+    digest = registry.digest_of(data)
+    (target,) = registry.plan([data])
+
+    upload = target["upload"]
+    assert target["present"] is False
+    assert upload["kind"] == "put"
+    assert target["upload_url"] == upload["url"]
+    assert upload["url"].startswith(f"{registry.settings.s3_endpoint_url}/{registry.bucket}/")
+    assert upload["headers"] == {
+        "Content-Type": "application/octet-stream",
+        "Content-Length": str(len(data)),
+        "x-amz-checksum-sha256": checksum_of(data),
+    }
+    query = parse_qs(urlsplit(upload["url"]).query)
+    assert query["X-Amz-Expires"] == ["900"]
+    assert "x-amz-checksum-sha256" in query["X-Amz-SignedHeaders"][0]
+
+    body = registry.send(target, data)
+    assert registry.stored_names() != [f"blobs/sha256/{digest[7:9]}/{digest[7:]}"]  # staged, not published
+    response = registry.complete(digest, body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"digest": digest, "size": len(data), "created": True}
+    assert registry.stored_names() == [f"blobs/sha256/{digest[7:9]}/{digest[7:]}"]  # staging removed
+    assert registry.read_stored(digest) == data
+    assert registry.count_rows()["blobs"] == 1
+    assert registry.plan([data])[0]["present"] is True
+
+
+def test_presigned_urls_expire_after_the_configured_time(make_registry):
+    with make_registry(presign_seconds=120) as registry:
+        (target,) = registry.plan([b"x"])
+    assert parse_qs(urlsplit(target["upload"]["url"]).query)["X-Amz-Expires"] == ["120"]
+
+
+def test_complete_again_is_a_no_op(registry):
+    data = b"complete me twice"
+    registry.upload(data)
+    again = registry.complete(registry.digest_of(data))
+    assert again.status_code == 200
+    assert again.json() == {"digest": registry.digest_of(data), "size": len(data), "created": False}
+    assert registry.count_rows()["blobs"] == 1
+
+
+def test_bytes_that_do_not_match_the_digest_are_refused_at_complete_and_removed(registry):
+    claimed = b"what the client said"
+    (target,) = registry.plan([claimed])
+    sent = b"what the client sent"
+    put = target["upload"]
+    headers = {**put["headers"], "Content-Length": str(len(sent))}
+    assert registry.transfer("PUT", put["url"], content=sent, headers=headers).status_code == 200  # moto
+
+    response = registry.complete(target["digest"])
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "digest_mismatch",
+        "detail": f"uploaded bytes hash to {registry.digest_of(sent)}, not {target['digest']}",
+    }
+    assert registry.stored_names() == []
+    assert registry.count_rows()["blobs"] == 0
+    assert registry.plan([claimed])[0]["present"] is False
+
+
+def lying_upload(registry, claimed: bytes, sent: bytes) -> str:
+    """PUT ``sent`` to the URL planned for ``claimed``, telling the store it has ``claimed``'s checksum.
+
+    moto records the declared checksum without checking it against the body.
+    """
+    (target,) = registry.plan([claimed])
+    headers = {
+        "x-amz-sdk-checksum-algorithm": "SHA256",
+        "x-amz-checksum-sha256": checksum_of(claimed),
+        "Content-Length": str(len(sent)),
+    }
+    assert registry.transfer("PUT", target["upload"]["url"], content=sent, headers=headers).status_code == 200
+    return str(target["digest"])
+
+
+def test_a_checksum_the_store_only_recorded_is_not_trusted_by_default(registry):
+    digest = lying_upload(registry, b"the real adapter", b"something else")
+    response = registry.complete(digest)
+    assert response.status_code == 400
+    assert response.json()["error"] == "digest_mismatch"
+    assert registry.count_rows()["blobs"] == 0
+
+
+def test_trusting_store_checksums_skips_the_read_back(make_registry):
+    # For stores that verify x-amz-checksum-sha256 themselves (AWS S3, MinIO). moto does not, so the
+    # lie gets through here: which is exactly why the default is to read the bytes back.
+    with make_registry(s3_trust_checksums=True) as registry:
+        digest = lying_upload(registry, b"the real adapter", b"something else")
+        response = registry.complete(digest)
+    assert response.status_code == 200
+    assert response.json()["created"] is True
+
+
+def test_complete_without_an_upload_is_missing_blob(registry):
+    digest = registry.digest_of(b"never sent")
+    response = registry.complete(digest)
+    assert response.status_code == 400
+    assert response.json()["error"] == "missing_blob"
+    assert registry.count_rows()["blobs"] == 0
+
+
+@pytest.fixture
+def multipart_registry(make_registry):
+    with make_registry(multipart_threshold=5 * MIB, multipart_part_size=5 * MIB) as registry:
+        yield registry
+
+
+def big_blob(seed: int = 0) -> bytes:
+    return hashlib.sha256(bytes([seed])).digest() * ((5 * MIB + 4096) // 32)  # 2 parts, not 5 MiB aligned
+
+
+def test_a_large_blob_uploads_in_presigned_parts(multipart_registry):
+    registry = multipart_registry
+    data = big_blob()
+    (target,) = registry.plan([data])
+
+    upload = target["upload"]
+    assert upload["kind"] == "multipart" and target["upload_url"] is None
+    assert upload["part_size"] == 5 * MIB
+    assert [(p["number"], p["offset"], p["size"]) for p in upload["parts"]] == [
+        (1, 0, 5 * MIB),
+        (2, 5 * MIB, len(data) - 5 * MIB),
+    ]
+    assert all(p["url"].startswith(registry.settings.s3_endpoint_url) for p in upload["parts"])
+
+    body = registry.send(target, data)
+    response = registry.complete(target["digest"], body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"digest": target["digest"], "size": len(data), "created": True}
+    assert registry.read_stored(target["digest"]) == data
+    assert registry.stored_names() == [f"blobs/sha256/{target['digest'][7:9]}/{target['digest'][7:]}"]
+
+
+def test_a_multipart_upload_of_the_wrong_bytes_is_refused_and_removed(multipart_registry):
+    registry = multipart_registry
+    data = big_blob()
+    (target,) = registry.plan([data])
+    body = registry.send(target, big_blob(seed=1))  # same size, other bytes
+    response = registry.complete(target["digest"], body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "digest_mismatch"
+    assert registry.stored_blob_files() == []
+    assert registry.count_rows()["blobs"] == 0
+
+
+def test_completing_a_blob_that_is_already_there_aborts_the_upload(multipart_registry):
+    registry = multipart_registry
+    data = big_blob()
+    (target,) = registry.plan([data])
+    assert uploads_in_progress(registry)
+    assert registry.put_blob(data).status_code == 201  # someone else stored it meanwhile
+
+    response = registry.complete(target["digest"], {"upload_id": target["upload"]["upload_id"], "parts": []})
+    assert response.status_code == 200
+    assert response.json()["created"] is False
+    assert uploads_in_progress(registry) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ({"upload_id": "not-ours", "parts": [{"number": 1, "etag": "x"}]}, "invalid upload_id"),
+        ({"upload_id": None, "parts": [{"number": 1, "etag": "x"}]}, "without the upload_id"),
+        ({"upload_id": "0" * 32 + ".id", "parts": [{"number": 2, "etag": "x"}]}, "numbered 1..N"),
+        ({"upload_id": "0" * 32 + ".id", "parts": []}, "ETag of every part"),
+    ],
+)
+def test_invalid_complete_requests_are_400(registry, body, detail):
+    response = registry.complete(registry.digest_of(b"whatever"), body)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_input"
+    assert detail in response.json()["detail"]
+
+
+def test_a_retried_complete_of_a_finished_multipart_upload_is_a_no_op(multipart_registry):
+    # The client may not have seen the first answer (a timeout) and complete again with the same body.
+    registry = multipart_registry
+    data = big_blob()
+    (target,) = registry.plan([data])
+    body = registry.send(target, data)
+    assert registry.complete(target["digest"], body).json()["created"] is True
+    again = registry.complete(target["digest"], body)
+    assert again.status_code == 200
+    assert again.json() == {"digest": target["digest"], "size": len(data), "created": False}
+
+
+def test_downloads_are_presigned_urls_that_take_ranges(registry):
+    version = registry.push(REPO, registry.lora_files())
+    files = {f["path"]: f for f in version["manifest"]["files"]}
+    entry = files["adapter_model.safetensors"]
+    plan = registry.client.post("/api/v1/blobs/downloads", json={"digests": [entry["digest"]]})
+    assert plan.status_code == 200
+    (target,) = plan.json()["blobs"]
+    assert (target["digest"], target["size"]) == (entry["digest"], entry["size"])
+    assert target["url"].startswith(f"{registry.settings.s3_endpoint_url}/{registry.bucket}/")
+
+    data = registry.lora_files()["adapter_model.safetensors"]
+    assert registry.transfer("GET", target["url"]).content == data
+    part = registry.transfer("GET", target["url"], headers={"Range": "bytes=8-15"})
+    assert part.status_code == 206 and part.content == data[8:16]
+
+
+def test_get_redirects_to_a_presigned_url(registry):
+    data = b"redirected" * 10
+    registry.upload(data)
+    url = f"/api/v1/blobs/{registry.digest_of(data)}"
+
+    response = registry.client.get(url, follow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["location"].startswith(registry.settings.s3_endpoint_url)
+    assert registry.client.get(url).content == data  # followed
+
+    head = registry.client.head(url, follow_redirects=False)
+    assert head.status_code == 307 and head.headers["location"] != response.headers["location"]
+    assert registry.client.head(url).headers["content-length"] == str(len(data))
+
+
+def test_get_of_a_blob_that_is_not_recorded_is_404_even_if_the_object_exists(registry):
+    store = registry.client.app.state.store
+    key = store.blob_key(registry.digest_of(b"planted"))
+    registry.moto.client().put_object(Bucket=registry.bucket, Key=key, Body=b"planted")
+    response = registry.client.get(f"/api/v1/blobs/{registry.digest_of(b'planted')}", follow_redirects=False)
+    assert response.status_code == 404
+    assert response.json()["error"] == "blob_not_found"
+
+
+def test_large_uploads_through_the_api_and_large_copies_go_in_parts(moto_s3, settings):
+    # The server streams an API upload to S3 in parts, then copies it to its key in parts (as it must
+    # above 5 GiB); small limits here make both happen with 11 MiB.
+    bucket = moto_s3.make_bucket()
+    store = S3BlobStore(
+        make_s3_client(settings, moto_s3.endpoint_url),
+        S3Location(bucket, "parts/"),
+        endpoint_url=moto_s3.endpoint_url,
+        max_single_copy_bytes=6 * MIB,
+        copy_part_bytes=5 * MIB,
+        stream_part_bytes=5 * MIB,
+    )
+    data = os.urandom(11 * MIB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert store.receive(digest, (data[i : i + MIB] for i in range(0, len(data), MIB))) == len(data)
+    assert store.read_range(digest, 0, len(data)) == data
+    keys = [item["Key"] for item in moto_s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    assert keys == [store.blob_key(digest)]
+    assert moto_s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_part_size_grows_so_that_no_upload_needs_more_than_10000_parts():
+    assert _part_size(10 * MIB, 16 * MIB) == 16 * MIB
+    assert _part_size(10_000 * 16 * MIB, 16 * MIB) == 16 * MIB
+    grown = _part_size(10_000 * 16 * MIB + 1, 16 * MIB)
+    assert grown % MIB == 0 and grown > 16 * MIB
+    assert -(-(10_000 * 16 * MIB + 1) // grown) <= 10_000
+
+
+def test_presigned_urls_use_the_public_endpoint_when_one_is_set(make_registry):
+    # The server reaches the store at one address (a compose network), clients at another.
+    public = "http://s3.public.example:9000"
+    with make_registry(s3_public_endpoint_url=public) as registry:
+        data = b"signed for the public address"
+        (target,) = registry.plan([data])
+        assert target["upload"]["url"].startswith(f"{public}/{registry.bucket}/")
+        registry.put_blob(data)  # the server itself still uses the internal endpoint
+        response = registry.client.get(f"/api/v1/blobs/{registry.digest_of(data)}", follow_redirects=False)
+        assert response.headers["location"].startswith(f"{public}/{registry.bucket}/")
