@@ -98,11 +98,11 @@ class BlobService:
                 f"blob of {declared_size} bytes is over the limit of {self.max_blob_bytes} bytes"
             )
         limited = _limited(chunks, self.max_blob_bytes, declared_size)
-        existing = self.store.size_of(digest)
-        if existing is not None:
+        if self.store.size_of(digest) is not None:
             # Read the body anyway, so the client gets this answer rather than a reset connection.
             for _ in limited:
                 pass
+            existing = self.store.verify_published(digest, max_bytes=self.max_blob_bytes)
             self.blobs.ensure(digest, existing)
             return BlobStored(digest=digest, size=existing, created=False)
         size = self.store.receive(digest, limited)
@@ -112,10 +112,12 @@ class BlobService:
     def complete(self, digest: str, request: CompleteRequest) -> BlobStored:
         """Verify a direct upload and record the blob; a blob already published is a no-op (created false)."""
         check_digest(digest)
-        existing = self.store.size_of(digest)  # published objects are verified ones
-        if existing is not None:
+        if self.store.size_of(digest) is not None:
+            # The key is taken, so this upload cannot complete: forget it. Then check the object there
+            # rather than trust it, since it may still be unverified.
             if request.upload_id is not None:
                 self.store.abort_upload(digest, request.upload_id)
+            existing = self.store.verify_published(digest, max_bytes=self.max_blob_bytes)
             created = self.blobs.ensure(digest, existing)
             return BlobStored(digest=digest, size=existing, created=created)
         parts = [CompletedPart(p.number, p.etag) for p in request.parts]

@@ -119,6 +119,15 @@ class BlobStore(Protocol):
         """
         ...
 
+    def verify_published(self, digest: str, *, max_bytes: int) -> int:
+        """The size of the object stored as ``digest``, once it is known to hold exactly those bytes.
+
+        An object can sit at a blob's key before it is verified (S3 multipart uploads complete in place),
+        so its mere existence proves nothing. Raises MissingBlob when there is none, Conflict when one is
+        still being verified.
+        """
+        ...
+
     def abort_upload(self, digest: str, upload_id: str) -> None:
         """Forget an unfinished multipart upload (no error when it is gone already)."""
         ...

@@ -2,16 +2,18 @@
 
 Keys under the configured prefix::
 
-    blobs/sha256/<ab>/<hex>        published blobs: written only by this server, after verification
+    blobs/sha256/<ab>/<hex>        blob objects; a blob exists only once its row is recorded (verified)
     uploads/<hex>/put              a client's single presigned PUT (staging)
-    uploads/<hex>/<token>          a client's multipart upload (staging)
     uploads/<hex>/stream-<token>   an upload streamed through the registry API (staging)
 
-Clients never get a URL for a published key: they upload to staging, and ``complete_upload`` hashes the
-staged object (or, with ``trust_checksums``, accepts the store's own SHA-256 checksum), then copies it to
-its final key on the condition that its ETag is still the one that was verified. So a store that does not
-enforce ``x-amz-checksum-sha256`` (moto; some S3-compatible stores) can never publish unverified bytes,
-even if a client re-uses a presigned URL after the check.
+Single presigned PUTs go to staging: ``complete_upload`` hashes the staged object (or, with
+``trust_checksums``, accepts the store's own SHA-256 checksum), then copies it to its final key on the
+condition that its ETag is still the one that was verified, so a client re-using a still-valid presigned
+URL can never change a verified blob. Multipart uploads (large blobs) go straight to the blob's key and
+complete with ``If-None-Match: *``, so they can never replace an object already there; ``complete_upload``
+then reads the object back and hashes it, and deletes it on a mismatch. This saves the copy, a whole extra
+pass over a large blob. Because an object can sit at a blob's key before it is verified, "present" always
+means "recorded in the database" (the blobs table), never merely "an object exists".
 
 Every call blocks: the routes that use this store are sync and run in FastAPI's thread pool.
 """
@@ -29,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -314,9 +316,12 @@ class S3BlobStore:
         return PutUpload(url, headers)
 
     def _plan_multipart(self, digest: str, size: int) -> MultipartUpload:
+        # A multipart upload goes straight to the blob's own key: its completion is conditional
+        # (If-None-Match), so it can never replace an object already there, and publishing needs no copy
+        # from staging -- a whole extra pass over the data. The object is a blob only once it is recorded,
+        # after complete_upload has read it back and hashed it.
         part_size = _part_size(size, self.part_size)
-        token = uuid.uuid4().hex
-        key = self._staging_key(digest, token)
+        key = self.blob_key(digest)
         created = self._call(
             "create_multipart_upload", Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
         )
@@ -333,27 +338,62 @@ class S3BlobStore:
                 ContentLength=length,
             )
             parts.append(UploadPart(index + 1, url, offset, length))
-        return MultipartUpload(f"{token}.{s3_upload_id}", part_size, parts)
+        return MultipartUpload(f"{uuid.uuid4().hex}.{s3_upload_id}", part_size, parts)
 
     def complete_upload(
         self, digest: str, upload_id: str | None, parts: list[CompletedPart], *, max_bytes: int
     ) -> int:
-        if upload_id is None:
-            if parts:
-                raise InvalidInput("parts were given without the upload_id of a multipart upload")
-            key = self._staging_key(digest, "put")
-        else:
-            token, s3_upload_id = _split_upload_id(upload_id)
-            key = self._staging_key(digest, token)
-            self._complete_multipart(key, s3_upload_id, parts, digest)
+        if upload_id is not None:
+            _token, s3_upload_id = _split_upload_id(upload_id)
+            return self._complete_in_place(digest, s3_upload_id, parts, max_bytes)
+        if parts:
+            raise InvalidInput("parts were given without the upload_id of a multipart upload")
         try:
-            return self._verify_and_publish(key, digest, max_bytes)
+            return self._verify_and_publish(self._staging_key(digest, "put"), digest, max_bytes)
         except MissingBlob:
             # A concurrent upload of the same bytes may have published it and removed the staging object.
-            published = self.size_of(digest)
-            if published is None:
+            return self.verify_published(digest, max_bytes=max_bytes)
+
+    def _complete_in_place(
+        self, digest: str, s3_upload_id: str, parts: list[CompletedPart], max_bytes: int
+    ) -> int:
+        key = self.blob_key(digest)
+        try:
+            self._complete_multipart(key, s3_upload_id, parts, digest)
+        except ClientError as exc:
+            if _code(exc) not in PRECONDITION_FAILED:
                 raise
-            return published
+            # The blob's key already holds an object (an earlier or concurrent upload): ours is not needed.
+            self._quietly("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=s3_upload_id)
+            return self.verify_published(digest, max_bytes=max_bytes)
+        size, _etag, actual = self._hash_object(key, digest, max_bytes)
+        if actual != digest:
+            # Ours: nothing else can have been written to this key since our conditional completion.
+            self._delete_key(key)
+            raise DigestMismatch(f"uploaded bytes hash to {actual}, not {digest}")
+        return size
+
+    def verify_published(self, digest: str, *, max_bytes: int) -> int:
+        """The size of the object at the blob's key once it is known to hash to ``digest``.
+
+        An object there that does not match is an upload being verified right now, or one a crash left
+        unverified: the latter (older than a presigned URL lives) is removed so the blob can be uploaded
+        again; the former is a conflict the client retries.
+        """
+        key = self.blob_key(digest)
+        try:
+            size, _etag, actual = self._hash_object(key, digest, max_bytes)
+        except ClientError as exc:
+            if _code(exc) in NOT_FOUND:
+                raise MissingBlob(f"blob {digest} was not uploaded (or its upload expired)") from None
+            raise
+        if actual == digest:
+            return size
+        head = self._call("head_object", Bucket=self.bucket, Key=key)
+        if head["LastModified"] < datetime.now(UTC) - timedelta(seconds=2 * self.presign_seconds):
+            self._delete_key(key)
+            raise MissingBlob(f"blob {digest}: a stale upload that did not match was removed; upload again")
+        raise Conflict(f"another upload of blob {digest} is being verified; upload it again shortly")
 
     def _complete_multipart(
         self, key: str, s3_upload_id: str, parts: list[CompletedPart], digest: str
@@ -371,6 +411,7 @@ class S3BlobStore:
                 Key=key,
                 UploadId=s3_upload_id,
                 MultipartUpload={"Parts": listing},
+                IfNoneMatch="*",
             )
         except ClientError as exc:
             code = _code(exc)
@@ -383,12 +424,12 @@ class S3BlobStore:
             raise
 
     def abort_upload(self, digest: str, upload_id: str) -> None:
-        token, s3_upload_id = _split_upload_id(upload_id)
+        _token, s3_upload_id = _split_upload_id(upload_id)
         try:
             self._call(
                 "abort_multipart_upload",
                 Bucket=self.bucket,
-                Key=self._staging_key(digest, token),
+                Key=self.blob_key(digest),
                 UploadId=s3_upload_id,
             )
         except ClientError as exc:
@@ -560,7 +601,8 @@ class S3BlobStore:
                 removed += 1
         paginator = self.client.get_paginator("list_multipart_uploads")
         with self._translated():
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            # Multipart uploads target the blobs' own keys: look at the whole prefix.
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for upload in page.get("Uploads", []):
                     if upload["Initiated"] < older_than:
                         key, upload_id = upload["Key"], upload["UploadId"]
@@ -704,7 +746,7 @@ def _part_size(size: int, preferred: int) -> int:
 
 
 def _split_upload_id(upload_id: str) -> tuple[str, str]:
-    """Our upload ids are ``<token>.<S3 UploadId>``; the token names the staging key."""
+    """Our upload ids are ``<token>.<S3 UploadId>`` (the token keeps them opaque and distinct)."""
     token, _, s3_upload_id = upload_id.partition(".")
     if not TOKEN.fullmatch(token) or not s3_upload_id:
         raise InvalidInput(f"invalid upload_id {upload_id!r}: use the one from POST /api/v1/blobs/uploads")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -297,3 +298,43 @@ def test_presigned_urls_use_the_public_endpoint_when_one_is_set(make_registry):
         registry.put_blob(data)  # the server itself still uses the internal endpoint
         response = registry.client.get(f"/api/v1/blobs/{registry.digest_of(data)}", follow_redirects=False)
         assert response.headers["location"].startswith(f"{public}/{registry.bucket}/")
+
+
+def _plant_unverified_object(registry, digest: str, data: bytes) -> None:
+    """What a crash between a multipart completion and its verification leaves: bytes at the blob's key."""
+    store = registry.client.app.state.store
+    store.client.put_object(Bucket=store.bucket, Key=store.blob_key(digest), Body=data)
+
+
+def test_an_unverified_object_at_a_blob_key_is_never_recorded(multipart_registry):
+    registry = multipart_registry
+    data = big_blob()
+    (target,) = registry.plan([data])
+    _plant_unverified_object(registry, target["digest"], big_blob(seed=1))  # same size, other bytes
+
+    body = registry.send(target, data)  # an honest upload of the right bytes
+    response = registry.complete(target["digest"], body)
+    assert response.status_code == 409, response.text
+    assert "being verified" in response.json()["detail"]
+    assert registry.count_rows()["blobs"] == 0
+    assert (
+        registry.client.post("/api/v1/blobs/downloads", json={"digests": [target["digest"]]}).status_code
+        == 404
+    )
+
+
+def test_a_stale_unverified_object_is_removed_so_the_blob_can_be_uploaded_again(make_registry):
+    with make_registry(
+        multipart_threshold=5 * MIB, multipart_part_size=5 * MIB, presign_seconds=1
+    ) as registry:
+        data = big_blob()
+        (target,) = registry.plan([data])
+        _plant_unverified_object(registry, target["digest"], big_blob(seed=1))
+        time.sleep(2.5)  # older than twice the lifetime of a presigned URL: nobody is verifying it
+        response = registry.complete(target["digest"], registry.send(target, data))
+        assert response.status_code == 400 and response.json()["error"] == "missing_blob", response.text
+        assert registry.stored_blob_files() == []
+
+        (again,) = registry.plan([data])
+        assert registry.complete(again["digest"], registry.send(again, data)).json()["created"] is True
+        assert registry.read_stored(again["digest"]) == data
