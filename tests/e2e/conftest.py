@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+from _support.servers import free_port, wait_healthy
 
 DELTAREG = str(Path(sys.executable).with_name("deltareg"))
 
@@ -26,28 +24,10 @@ class Server:
         return sorted(p for p in (self.data_dir / "blobs").rglob("*") if p.is_file() and "tmp" not in p.parts)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"registry exited early with code {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"registry did not come up at {url}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data_dir = tmp_path_factory.mktemp("registry")
-    port = _free_port()
+    port = free_port()
     log = (data_dir.parent / f"server-{port}.log").open("wb")
     proc = subprocess.Popen(
         [DELTAREG, "serve", "--port", str(port), "--data-dir", str(data_dir)],
@@ -56,7 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_up(url, proc)
+        wait_healthy(url, proc, data_dir.parent / f"server-{port}.log")
         yield Server(url=url, data_dir=data_dir)
     finally:
         proc.terminate()

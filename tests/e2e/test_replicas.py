@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from _support.servers import Backend, ServerProcess
 from safetensors.numpy import save_file
 
 from deltareg.client.api import Registry
@@ -35,81 +31,9 @@ REPO = "acme/bot"
 BASE = "tmv1:" + "ab" * 32
 PUSHES = 64
 DELTAREG = str(Path(sys.executable).with_name("deltareg"))
-FIVE_XX = re.compile(r'" 5\d\d ')  # uvicorn access log: "POST /path HTTP/1.1" 500 Internal Server Error
 
 
 # ---- server processes -----------------------------------------------------------------------------
-
-
-@dataclass
-class Backend:
-    """Where the replicas keep their state: DELTAREG_* variables for every server process."""
-
-    name: str
-    env: dict[str, str]
-    data_dir: Path
-
-
-@dataclass
-class ServerProcess:
-    """``python -m deltareg.registry.serve`` on a free loopback port, with its log in a file."""
-
-    backend: Backend
-    log_path: Path
-    url: str = ""
-    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def start(self) -> None:
-        port = _free_port()
-        env = {**os.environ, **self.backend.env}
-        env.pop("DELTAREG_DEBUG", None)
-        command = [sys.executable, "-m", "deltareg.registry.serve", "--host", "127.0.0.1"]
-        command += ["--port", str(port), "--data-dir", str(self.backend.data_dir)]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{port}"
-        _wait_healthy(self.url, self.proc, self.log_path)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no cleanup, whatever was in flight stays where it was."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def server_errors(self) -> list[str]:
-        return [
-            line for line in self.log_path.read_text(errors="replace").splitlines() if FIVE_XX.search(line)
-        ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"registry exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
-            )
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"registry at {url} did not come up:\n{log.read_text(errors='replace')}")
 
 
 @pytest.fixture(params=["sqlite-fs", "postgres-s3"])
