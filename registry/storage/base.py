@@ -14,6 +14,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+# The parts of a multipart upload are wire types the client owns (the server depends on the client).
+from deltareg.client.transfer import CompletedPart as CompletedPart
+from deltareg.client.transfer import UploadPart as UploadPart
+
 
 @dataclass(frozen=True)
 class LocalFile:
@@ -42,16 +46,6 @@ class PutUpload:
 
 
 @dataclass(frozen=True)
-class UploadPart:
-    """One part of a multipart upload: the bytes ``[offset, offset + size)`` of the blob go to ``url``."""
-
-    number: int
-    url: str
-    offset: int
-    size: int
-
-
-@dataclass(frozen=True)
 class MultipartUpload:
     """Upload the blob in parts (any order, in parallel), then complete with every part's ETag."""
 
@@ -61,12 +55,6 @@ class MultipartUpload:
 
 
 UploadInstructions = PutUpload | MultipartUpload
-
-
-@dataclass(frozen=True)
-class CompletedPart:
-    number: int
-    etag: str
 
 
 @dataclass(frozen=True)
