@@ -14,7 +14,7 @@ import httpx
 from deltareg.client import config
 from deltareg.client._http import make_client, request_json
 from deltareg.client.cache import VersionCache, VersionRecord, copy_folder, verify_folder
-from deltareg.client.errors import AliasNotFound, BaseMismatch, DigestMismatch, InvalidInput
+from deltareg.client.errors import AliasNotFound, BaseMismatch, DigestMismatch, InvalidInput, MissingBlob
 from deltareg.client.fingerprint import (
     FingerprintCache,
     ModelFingerprint,
@@ -260,13 +260,17 @@ class Registry:
             parent=self.resolve(parent).digest if parent else None,
             metadata=dict(metadata or {}),
         )
+        path = f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions"
+        payload = {"manifest": manifest.to_json_obj(), "evals": _eval_list(evals)}
         uploaded, uploaded_bytes = self._upload_missing(adapter.folder, files)
-        body = request_json(
-            self._http,
-            "POST",
-            f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions",
-            json={"manifest": manifest.to_json_obj(), "evals": _eval_list(evals)},
-        )
+        try:
+            body = request_json(self._http, "POST", path, json=payload)
+        except MissingBlob:
+            # Garbage collection removed a blob between the upload plan and the commit (the server
+            # refuses such a commit): upload what is missing again and commit once more.
+            again, again_bytes = self._upload_missing(adapter.folder, files)
+            uploaded, uploaded_bytes = uploaded + again, uploaded_bytes + again_bytes
+            body = request_json(self._http, "POST", path, json=payload)
         return PushResult(VersionInfo.from_json(body), bool(body.get("created")), uploaded, uploaded_bytes)
 
     def _base_ref(

@@ -230,3 +230,30 @@ def test_unknown_versions_and_aliases_are_not_found(cli, tiny_llama, lora_adapte
         assert words in result.stderr
     listed = _json(cli("list", "acme", "--json"))["repos"]
     assert "acme/refs" in [r["name"] for r in listed]
+
+
+def test_a_push_whose_blobs_are_collected_before_its_commit_uploads_them_again(
+    cli, server, tiny_llama, lora_adapter, tmp_path
+):
+    """Garbage collection (grace 0) runs between the upload plan and the commit: the push still lands."""
+    import httpx
+
+    from deltareg.client import Registry
+
+    cli.env["DELTAREG_DATA_DIR"] = str(server.data_dir)  # `deltareg gc` runs with the server's settings
+    collected: list[dict] = []
+
+    def collect_before_the_first_commit(request: httpx.Request) -> None:
+        if request.url.path.endswith("/versions") and not collected:
+            collected.append(_json(cli("gc", "--grace", "0", "--json")))
+
+    base = tiny_llama()
+    adapter = lora_adapter(base, seed=18)
+    http = httpx.Client(base_url=server.url, event_hooks={"request": [collect_before_the_first_commit]})
+    with Registry(server.url, cache_dir=tmp_path / "cache", http=http, progress=False) as registry:
+        result = registry.push(adapter, "acme/collected", base=base)
+        assert (result.created, result.version.number) == (True, 1)
+        removed = {blob["name"] for blob in collected[0]["blobs"]}
+        assert {f.digest for f in result.version.manifest.files} <= removed, "GC took this push's blobs"
+        assert result.uploaded_blobs == 2 * len(result.version.manifest.files), "uploaded, then again"
+        registry.pull("acme/collected:1").verify(base)
