@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _support.servers import free_port, wait_healthy
+from _support.servers import Backend, free_port, wait_healthy
 
 DELTAREG = str(Path(sys.executable).with_name("deltareg"))
 
@@ -67,3 +67,25 @@ def cli(server: Server, tmp_path: Path) -> Cli:
     env = {**os.environ, "DELTAREG_URL": server.url, "DELTAREG_CACHE_DIR": str(cache)}
     env.pop("DELTAREG_DEBUG", None)
     return Cli(env=env, cache_dir=cache)
+
+
+@pytest.fixture(params=["sqlite-fs", "postgres-s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """SQLite + blob folder in one data dir, or a fresh PostgreSQL database + a fresh moto S3 bucket."""
+    data_dir = tmp_path / "data"
+    if request.param == "sqlite-fs":
+        # Migrated once here: two processes migrating one SQLite file at the same moment would race.
+        from deltareg.registry.config import Settings
+        from deltareg.registry.migrate import upgrade
+
+        upgrade(Settings(data_dir=data_dir).database_url)
+        # DELTAREG_DATA_DIR too, for operator commands (`deltareg gc`) run against the same state.
+        return Backend("sqlite-fs", {"DELTAREG_DATA_DIR": str(data_dir)}, data_dir)
+    database_url = request.getfixturevalue("migrated_postgres_database")
+    s3 = request.getfixturevalue("moto_s3")
+    env = {
+        "DELTAREG_DATABASE_URL": database_url,
+        "DELTAREG_STORAGE_URL": f"s3://{s3.make_bucket()}/registry",
+        "DELTAREG_S3_ENDPOINT_URL": s3.endpoint_url,
+    }
+    return Backend("postgres-s3", env, data_dir)

@@ -38,22 +38,7 @@ PUSHERS = 3
 DELTAREG = str(Path(sys.executable).with_name("deltareg"))
 
 
-# ---- server process (same shape as in test_replicas.py) ---------------------------------------------
-
-
-@pytest.fixture(params=["sqlite-fs", "postgres-s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    data_dir = tmp_path / "data"
-    if request.param == "sqlite-fs":
-        return Backend("sqlite-fs", {"DELTAREG_DATA_DIR": str(data_dir)}, data_dir)
-    database_url = request.getfixturevalue("migrated_postgres_database")
-    s3 = request.getfixturevalue("moto_s3")
-    env = {
-        "DELTAREG_DATABASE_URL": database_url,
-        "DELTAREG_STORAGE_URL": f"s3://{s3.make_bucket()}/registry",
-        "DELTAREG_S3_ENDPOINT_URL": s3.endpoint_url,
-    }
-    return Backend("postgres-s3", env, data_dir)
+# ---- server process (the `backend` fixture is in conftest.py) -----------------------------------------
 
 
 @pytest.fixture

@@ -36,27 +36,6 @@ DELTAREG = str(Path(sys.executable).with_name("deltareg"))
 # ---- server processes -----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite-fs", "postgres-s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """SQLite + blob folder in one data dir, or a fresh PostgreSQL database + a fresh moto S3 bucket."""
-    data_dir = tmp_path / "data"
-    if request.param == "sqlite-fs":
-        # Migrated once here: two processes migrating one SQLite file at the same moment would race.
-        from deltareg.registry.config import Settings
-        from deltareg.registry.migrate import upgrade
-
-        upgrade(Settings(data_dir=data_dir).database_url)
-        return Backend("sqlite-fs", {}, data_dir)
-    database_url = request.getfixturevalue("migrated_postgres_database")
-    s3 = request.getfixturevalue("moto_s3")
-    env = {
-        "DELTAREG_DATABASE_URL": database_url,
-        "DELTAREG_STORAGE_URL": f"s3://{s3.make_bucket()}/registry",
-        "DELTAREG_S3_ENDPOINT_URL": s3.endpoint_url,
-    }
-    return Backend("postgres-s3", env, data_dir)
-
-
 @pytest.fixture
 def replicas(backend: Backend, tmp_path: Path) -> Iterator[list[ServerProcess]]:
     servers = [ServerProcess(backend, tmp_path / f"replica-{i}.log") for i in range(2)]
