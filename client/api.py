@@ -159,6 +159,7 @@ class Registry:
     Args:
         url: the registry's base URL (default ``DELTAREG_URL``, then ``http://127.0.0.1:8000``).
         token: API token (default ``DELTAREG_TOKEN``).
+        actor: who to record as acting in the audit log (default ``DELTAREG_ACTOR``, then the local user).
         cache_dir: where pulled versions and fingerprints are cached (default ``DELTAREG_CACHE_DIR``, then
             ``~/.cache/deltareg``).
         http: an httpx client to use instead of a new one (its base URL must be the registry).
@@ -172,13 +173,14 @@ class Registry:
         url: str | None = None,
         token: str | None = None,
         *,
+        actor: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         http: httpx.Client | None = None,
         progress: bool | TransferProgress | None = None,
         transfer_settings: TransferSettings | None = None,
     ) -> None:
         self.url = config.registry_url(url)
-        self._http = http or make_client(self.url, config.registry_token(token))
+        self._http = http or make_client(self.url, config.registry_token(token), actor=config.actor(actor))
         self.transfers = Transfers(
             self._http, settings=transfer_settings, progress=resolve_progress(progress)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 from pathlib import Path
 
@@ -14,6 +15,19 @@ def registry_url(explicit: str | None = None) -> str:
 
 def registry_token(explicit: str | None = None) -> str | None:
     return explicit or os.environ.get("DELTAREG_TOKEN") or None
+
+
+def actor(explicit: str | None = None) -> str | None:
+    """Who this client acts as, for the audit log: ``DELTAREG_ACTOR``, else the local user name.
+
+    Until tokens carry identities this is the name the registry records (an attribution, not a proof).
+    """
+    if explicit or os.environ.get("DELTAREG_ACTOR"):
+        return explicit or os.environ["DELTAREG_ACTOR"]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        return None
 
 
 def cache_dir(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -13,6 +13,8 @@ classes to exit codes in one table (``deltareg.client.cli.EXIT_CODES``).
     ├── NotFound (404)
     │   ├── RepoNotFound, VersionNotFound, BlobNotFound, AliasNotFound
     ├── Conflict (409)
+    ├── PolicyViolation (403: a promotion policy refused the move; every failed rule is listed)
+    ├── VersionYanked (410: the version was yanked; name it exactly and allow yanked versions to pull it)
     ├── PayloadTooLarge (413)
     ├── VerificationFailed (400; the CLI exits 3)
     │   ├── DigestMismatch, BaseMismatch
@@ -114,6 +116,20 @@ class AliasNotFound(NotFound):
 class Conflict(DeltaregError):
     code = "conflict"
     status_code = 409
+
+
+class PolicyViolation(DeltaregError):
+    """A promotion policy refused an alias move; the message lists every rule that failed."""
+
+    code = "policy_violation"
+    status_code = 403
+
+
+class VersionYanked(DeltaregError):
+    """The version was yanked (the message gives the reason); it is pulled only when asked for exactly."""
+
+    code = "version_yanked"
+    status_code = 410
 
 
 class PayloadTooLarge(DeltaregError):

@@ -9,6 +9,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 
 from deltareg.registry.aliases.routes import router as aliases_router
+from deltareg.registry.audit.routes import router as audit_router
 from deltareg.registry.blobs.routes import router as blobs_router
 from deltareg.registry.config import Settings
 from deltareg.registry.db import Database
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(blobs_router)
     app.include_router(versions_router)
     app.include_router(aliases_router)
+    app.include_router(audit_router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"])
     return app

@@ -29,6 +29,7 @@ from sqlalchemy.types import TypeDecorator
 DIGEST_LENGTH = len("sha256:") + 64
 FINGERPRINT_LENGTH = len("tmv1:") + 64
 NAME_PART_LENGTH = 64
+ACTOR_LENGTH = 256
 EPOCH = "1970-01-01 00:00:00"
 
 NAMING_CONVENTION = {
@@ -122,6 +123,13 @@ class Version(Base):
     base_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH), index=True)
     parent_digest: Mapped[str | None] = mapped_column(String(DIGEST_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Who pushed it: approvals for a promotion must come from someone else.
+    pushed_by: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
+    # A yanked version stays readable for audit; no alias may point to it and pulls refuse it unless
+    # it is named exactly and yanked versions are allowed.
+    yanked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    yank_reason: Mapped[str | None] = mapped_column(Text)
+    yanked_by: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
 
 
 class VersionFile(Base):
@@ -137,15 +145,21 @@ class VersionFile(Base):
 
 
 class Eval(Base):
-    """A score attached to a version: metric name, finite value, the dataset it was measured on."""
+    """A score attached to a version: metric, finite value, dataset and its revision, eval-suite version,
+    who recorded it and when."""
 
     __tablename__ = "evals"
+    # Search: "versions where accuracy >= 0.8" is a range scan on (name, value).
+    __table_args__ = (Index("ix_evals_name_value", "name", "value"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     value: Mapped[float] = mapped_column(Float)
     dataset: Mapped[str | None] = mapped_column(String(256))
+    dataset_revision: Mapped[str | None] = mapped_column(String(256))
+    suite_version: Mapped[str | None] = mapped_column(String(128))
+    actor: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -182,5 +196,54 @@ class AliasMove(Base):
     to_version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
     kind: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
-    actor: Mapped[str | None] = mapped_column(String(256))
+    actor: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AliasPolicy(Base):
+    """The promotion policy of one alias of a repo, as JSON (see deltareg.registry.policies.schemas)."""
+
+    __tablename__ = "alias_policies"
+
+    repo_id: Mapped[int] = mapped_column(ForeignKey("repos.id"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(ALIAS_LENGTH), primary_key=True)
+    policy: Mapped[str] = mapped_column(Text)
+    updated_by: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Approval(Base):
+    """One person's approval of moving an alias to a version; counted by a policy's approvals rule."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (UniqueConstraint("version_id", "alias", "actor"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    alias: Mapped[str] = mapped_column(String(ALIAS_LENGTH))
+    actor: Mapped[str] = mapped_column(String(ACTOR_LENGTH))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AuditEntry(Base):
+    """One entry of the append-only audit log, chained: ``entry_hash`` covers the entry and ``prev_hash``.
+
+    Appended in the transaction of the write it records (see deltareg.registry.audit.repository), so a
+    write and its entry commit together or not at all. Editing or deleting a row breaks the chain at
+    that row, which ``deltareg audit verify`` reports.
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(ACTOR_LENGTH))
+    action: Mapped[str] = mapped_column(String(64))
+    # ``namespace/name`` of the repo concerned (None for registry-wide actions), for listing by repo.
+    repo: Mapped[str | None] = mapped_column(String(2 * NAME_PART_LENGTH + 1), index=True)
+    target: Mapped[str] = mapped_column(String(512))
+    # Canonical JSON (RFC 8785) text, hashed exactly as stored.
+    details: Mapped[str] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
+    entry_hash: Mapped[str] = mapped_column(String(DIGEST_LENGTH), unique=True)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 
 from deltareg.registry.aliases.schemas import AliasList, AliasMoved, AliasOut, MoveAliasRequest
 from deltareg.registry.aliases.service import AliasService
+from deltareg.registry.audit.refusals import RefusalsDep
 from deltareg.registry.body import json_body, openapi_body
 from deltareg.registry.deps import SessionDep
 
@@ -36,11 +37,19 @@ def get_alias(namespace: str, name: str, alias: str, service: AliasServiceDep) -
     "/{alias}", openapi_extra=openapi_body(MoveAliasRequest), responses={409: {"description": "stale"}}
 )
 def move_alias(
-    namespace: str, name: str, alias: str, body: MoveAliasBody, service: AliasServiceDep
+    namespace: str,
+    name: str,
+    alias: str,
+    body: MoveAliasBody,
+    service: AliasServiceDep,
+    refusals: RefusalsDep,
 ) -> AliasMoved:
     """Compare-and-swap: point the alias at ``version`` if it points at ``expected`` now (null: undefined).
 
     A stale ``expected`` is 409 ``conflict`` naming the current holder; nothing changes. Every move is
     appended to the alias history in the same transaction.
     """
-    return service.move(namespace, name, alias, body)
+    refusals.watch(
+        "alias.promote", f"{namespace}/{name}@{alias}", repo=f"{namespace}/{name}", to=body.version
+    )
+    return service.move(namespace, name, alias, body, actor=refusals.actor)

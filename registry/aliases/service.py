@@ -8,6 +8,7 @@ from deltareg.client.errors import AliasNotFound, Conflict, RepoNotFound, Versio
 from deltareg.client.refs import RepoName, validate_alias
 from deltareg.registry.aliases.repository import AliasRepository, AliasTarget
 from deltareg.registry.aliases.schemas import AliasList, AliasMoved, AliasOut, MoveAliasRequest
+from deltareg.registry.audit.repository import AuditRepository
 from deltareg.registry.models import Alias, Repo, Version
 from deltareg.registry.versions.repository import RepoRepository, VersionRepository
 
@@ -19,9 +20,10 @@ class AliasService:
         self.repos = RepoRepository(session)
         self.versions = VersionRepository(session)
         self.aliases = AliasRepository(session)
+        self.audit = AuditRepository(session)
 
     def move(
-        self, namespace: str, name: str, alias: str, request: MoveAliasRequest, *, actor: str | None = None
+        self, namespace: str, name: str, alias: str, request: MoveAliasRequest, *, actor: str
     ) -> AliasMoved:
         """Point ``alias`` at ``request.version`` if it points at ``request.expected`` now (None: undefined).
 
@@ -48,6 +50,19 @@ class AliasService:
             kind=PROMOTE,
             reason=request.reason,
             actor=actor,
+        )
+        self.audit.append(
+            actor=actor,
+            action=f"alias.{PROMOTE}",
+            target=f"{repo.full_name}@{alias}",
+            repo=repo.full_name,
+            details={
+                "alias": alias,
+                "from": request.expected,
+                "to": target.number,
+                "digest": target.digest,
+                "reason": request.reason,
+            },
         )
         moved = self._require_alias(repo, alias)
         return AliasMoved(**_out(repo, moved).model_dump(), previous=request.expected, moved=True)

@@ -11,11 +11,11 @@ class EvalRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def add(self, version_id: int, evals: list[EvalIn]) -> None:
-        self.session.add_all(
-            Eval(version_id=version_id, name=e.name, value=e.value, dataset=e.dataset) for e in evals
-        )
+    def add(self, version_id: int, evals: list[EvalIn], *, actor: str | None) -> list[Eval]:
+        rows = [Eval(version_id=version_id, actor=actor, **e.model_dump()) for e in evals]
+        self.session.add_all(rows)
         self.session.flush()
+        return rows
 
     def for_version(self, version_id: int) -> list[Eval]:
         statement = select(Eval).where(Eval.version_id == version_id).order_by(Eval.name, Eval.id)

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query, Response
 
 from deltareg.client.refs import MAX_VERSION
+from deltareg.registry.audit.refusals import RefusalsDep
 from deltareg.registry.body import json_body, openapi_body
 from deltareg.registry.deps import SessionDep, StoreDep
 from deltareg.registry.versions.schemas import (
@@ -37,10 +38,19 @@ VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
     openapi_extra=openapi_body(CreateVersionRequest),
 )
 def push_version(
-    namespace: str, name: str, body: CreateVersionBody, response: Response, service: VersionServiceDep
+    namespace: str,
+    name: str,
+    body: CreateVersionBody,
+    response: Response,
+    service: VersionServiceDep,
+    refusals: RefusalsDep,
 ) -> VersionCreated:
-    """Create a version from a manifest whose blobs are uploaded (the repo is created on first push)."""
-    version = service.push(namespace, name, body.manifest, body.evals)
+    """Create a version from a manifest whose blobs are uploaded (the repo is created on first push).
+
+    A new version is appended to the audit log; a refused push is audited as ``push.refused``.
+    """
+    refusals.watch("push", f"{namespace}/{name}", repo=f"{namespace}/{name}")
+    version = service.push(namespace, name, body.manifest, body.evals, actor=refusals.actor)
     if not version.created:
         response.status_code = 200
     return version

@@ -17,6 +17,12 @@ class CreateVersionRequest(BaseModel):
     )
 
 
+class YankOut(BaseModel):
+    at: datetime
+    reason: str
+    by: str | None
+
+
 class VersionSummary(BaseModel):
     repo: str
     number: int
@@ -26,6 +32,8 @@ class VersionSummary(BaseModel):
     parent: str | None
     created_at: datetime
     size: int = Field(description="total bytes of the version's files")
+    pushed_by: str | None = None
+    yanked: YankOut | None = Field(default=None, description="set when the version was yanked")
 
 
 class VersionOut(VersionSummary):

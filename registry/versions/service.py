@@ -11,9 +11,10 @@ from deltareg.client.errors import AliasNotFound, InvalidManifest, MissingBlob, 
 from deltareg.client.manifest import Manifest
 from deltareg.client.refs import Reference, RepoName, validate_name_part
 from deltareg.registry.aliases.repository import AliasRepository
+from deltareg.registry.audit.repository import AuditRepository
 from deltareg.registry.blobs.repository import BlobRepository
 from deltareg.registry.evals.repository import EvalRepository
-from deltareg.registry.evals.schemas import EvalIn, EvalOut
+from deltareg.registry.evals.schemas import EvalIn, eval_out
 from deltareg.registry.models import Repo, Version, VersionFile
 from deltareg.registry.storage import BlobStore
 from deltareg.registry.versions.contents import ContentChecker
@@ -25,6 +26,7 @@ from deltareg.registry.versions.schemas import (
     VersionCreated,
     VersionOut,
     VersionSummary,
+    YankOut,
 )
 
 
@@ -34,16 +36,24 @@ class VersionService:
         self.versions = VersionRepository(session)
         self.evals = EvalRepository(session)
         self.aliases = AliasRepository(session)
+        self.audit = AuditRepository(session)
         self.contents = ContentChecker(BlobRepository(session), store)
 
     # ---- writes
 
     def push(
-        self, namespace: str, name: str, manifest_json: dict[str, object], evals: list[EvalIn] | None = None
+        self,
+        namespace: str,
+        name: str,
+        manifest_json: dict[str, object],
+        evals: list[EvalIn] | None = None,
+        *,
+        actor: str,
     ) -> VersionCreated:
         """Record a version of ``namespace/name``; pushing the same manifest again returns that version.
 
         ``evals`` are recorded with a new version only: an identical re-push is a retry, not a new score.
+        A new version is appended to the audit log in the same transaction.
         """
         repo_name = RepoName(validate_name_part(namespace, "namespace"), validate_name_part(name, "name"))
         manifest = Manifest.parse(manifest_json)
@@ -60,10 +70,23 @@ class VersionService:
         if again is not None:
             return self._created(repo, again, created=False)
         try:
-            version = self._record(repo, manifest)
+            version = self._record(repo, manifest, actor)
         except IntegrityError as exc:
             raise _missing_blob_or(exc) from exc
-        self.evals.add(version.id, evals or [])
+        recorded = self.evals.add(version.id, evals or [], actor=actor)
+        self.audit.append(
+            actor=actor,
+            action="push",
+            target=f"{repo.full_name}:{version.number}",
+            repo=repo.full_name,
+            details={
+                "version": version.number,
+                "digest": version.digest,
+                "base_fingerprint": version.base_fingerprint,
+                "parent": version.parent_digest,
+                "evals": [{"name": e.name, "value": e.value, "dataset": e.dataset} for e in recorded],
+            },
+        )
         return self._created(repo, (version, sum(f.size for f in manifest.files)), created=True)
 
     def _existing(self, repo_name: RepoName, digest: str) -> VersionCreated | None:
@@ -83,7 +106,7 @@ class VersionService:
                 f"not {manifest.base.fingerprint}"
             )
 
-    def _record(self, repo: Repo, manifest: Manifest) -> Version:
+    def _record(self, repo: Repo, manifest: Manifest, actor: str) -> Version:
         version = Version(
             repo_id=repo.id,
             number=self.repos.allocate_version_number(repo.id),
@@ -92,6 +115,7 @@ class VersionService:
             kind=manifest.kind,
             base_fingerprint=manifest.base.fingerprint,
             parent_digest=manifest.parent,
+            pushed_by=actor,
         )
         files = [VersionFile(path=f.path, blob_digest=f.digest, size=f.size) for f in manifest.files]
         self.versions.add(version, files)
@@ -149,10 +173,7 @@ class VersionService:
 
     def _full(self, repo: Repo, sized: SizedVersion) -> VersionOut:
         version = sized[0]
-        evals = [
-            EvalOut(name=e.name, value=e.value, dataset=e.dataset, created_at=e.created_at)
-            for e in self.evals.for_version(version.id)
-        ]
+        evals = [eval_out(e) for e in self.evals.for_version(version.id)]
         return VersionOut(
             **_summary(repo, sized).model_dump(), manifest=json.loads(version.manifest), evals=evals
         )
@@ -192,4 +213,12 @@ def _summary(repo: Repo, sized: SizedVersion) -> VersionSummary:
         parent=version.parent_digest,
         created_at=version.created_at,
         size=size,
+        pushed_by=version.pushed_by,
+        yanked=yank_out(version),
     )
+
+
+def yank_out(version: Version) -> YankOut | None:
+    if version.yanked_at is None:
+        return None
+    return YankOut(at=version.yanked_at, reason=version.yank_reason or "", by=version.yanked_by)
