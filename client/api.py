@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -14,13 +15,21 @@ import httpx
 from deltareg.client import config
 from deltareg.client._http import make_client, request_json
 from deltareg.client.cache import VersionCache, VersionRecord, copy_folder, verify_folder
-from deltareg.client.errors import AliasNotFound, BaseMismatch, DigestMismatch, InvalidInput, MissingBlob
+from deltareg.client.errors import (
+    AliasNotFound,
+    AuditChainBroken,
+    BaseMismatch,
+    DigestMismatch,
+    InvalidInput,
+    MissingBlob,
+)
 from deltareg.client.fingerprint import (
     FingerprintCache,
     ModelFingerprint,
     fingerprint_path,
     is_fingerprint,
 )
+from deltareg.client.lineage import training_metadata
 from deltareg.client.lora import check_against_base, read_peft_adapter
 from deltareg.client.manifest import BaseModelRef, FileEntry, Manifest
 from deltareg.client.progress import TransferProgress, resolve_progress
@@ -34,6 +43,7 @@ if TYPE_CHECKING:
     from deltareg.client.apply import ApplyResult
 
 VerifyMode = Literal["full", "touched"]
+SEARCH_PAGE = 1000  # the registry's largest search page
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class VersionInfo:
     size: int
     manifest: Manifest
     evals: tuple[dict[str, Any], ...] = ()
+    pushed_by: str | None = None
+    yanked: dict[str, Any] | None = None  # at, reason, by: the version was yanked
 
     @property
     def ref(self) -> str:
@@ -74,6 +86,8 @@ class VersionInfo:
             size=data["size"],
             manifest=manifest,
             evals=tuple(data.get("evals", ())),
+            pushed_by=data.get("pushed_by"),
+            yanked=data.get("yanked"),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -87,6 +101,8 @@ class VersionInfo:
             "created_at": self.created_at,
             "size": self.size,
             "evals": list(self.evals),
+            "pushed_by": self.pushed_by,
+            "yanked": self.yanked,
         }
 
 
@@ -100,34 +116,34 @@ class PushResult:
 
 @dataclass(frozen=True)
 class PulledDelta:
-    """A verified local copy of a version."""
+    """A verified local copy of a version (and of its ancestors, oldest first, when it has a parent)."""
 
     path: Path
     version: VersionRecord
     fingerprints: FingerprintCache | None = None
+    ancestors: tuple[PulledDelta, ...] = ()
 
     @property
     def manifest(self) -> Manifest:
         return self.version.manifest
 
     def apply(self, model: torch.nn.Module | dict[str, torch.Tensor], *, verify: VerifyMode = "full") -> None:
-        """Apply in place to a torch module or state dict; the base is checked before anything changes."""
-        import torch
+        """Apply in place to a torch module or state dict; the base is checked before anything changes.
 
-        from deltareg.client.apply import apply_to_module, apply_to_state_dict
+        A version with a parent applies its chain: the ancestors oldest first, then itself.
+        """
+        from deltareg.client.chain import apply_pulled
 
-        if isinstance(model, torch.nn.Module):
-            apply_to_module(model, self.path, self.manifest, verify=verify)
-        else:
-            apply_to_state_dict(model, self.path, self.manifest, verify=verify)
+        apply_pulled(self, model, verify=verify)
 
     def apply_files(
         self, base: str | os.PathLike[str], output: str | os.PathLike[str], *, verify: VerifyMode = "full"
     ) -> ApplyResult:
-        """Write base + delta to ``output`` file to file; nothing is written if the base does not match."""
-        from deltareg.client.apply import apply_files
+        """Write base + delta (its chain, for a version with a parent) to ``output`` file to file; nothing is
+        written if the base does not match."""
+        from deltareg.client.chain import apply_pulled_files
 
-        return apply_files(base, self.path, self.manifest, output, verify=verify, cache=self.fingerprints)
+        return apply_pulled_files(self, base, output, verify=verify)
 
     def verify(self, base: str | os.PathLike[str] | None = None) -> None:
         """Re-hash the files (and, with ``base``, check the base model's fingerprint)."""
@@ -202,12 +218,18 @@ class Registry:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def resolve(self, ref: str | Reference) -> VersionInfo:
-        """Resolve ``ns/name``, ``ns/name:N``, ``ns/name@alias`` or ``ns/name@sha256:…`` to a version."""
+    def resolve(self, ref: str | Reference, *, allow_yanked: bool = False) -> VersionInfo:
+        """Resolve ``ns/name``, ``ns/name:N``, ``ns/name@alias`` or ``ns/name@sha256:…`` to a version.
+
+        ``ns/name`` is the newest version that is not yanked. A yanked version named exactly (``:N``,
+        ``@sha256:``) raises VersionYanked (with the reason) unless ``allow_yanked``; the flag changes
+        nothing for an alias (never on a yanked version) or ``ns/name``.
+        """
         reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
-        info = VersionInfo.from_json(
-            request_json(self._http, "GET", "/api/v1/resolve", params={"ref": str(reference)})
-        )
+        params = {"ref": str(reference)}
+        if allow_yanked and (reference.version is not None or reference.digest is not None):
+            params["allow_yanked"] = "true"
+        info = VersionInfo.from_json(request_json(self._http, "GET", "/api/v1/resolve", params=params))
         if reference.digest is not None and info.digest != reference.digest:
             raise DigestMismatch(f"asked for {reference.digest}, the registry answered with {info.digest}")
         return info
@@ -233,6 +255,9 @@ class Registry:
         metadata: Mapping[str, Any] | None = None,
         base_name: str | None = None,
         base_revision: str | None = None,
+        datasets: Iterable[tuple[str, str | None]] | None = None,
+        code_commit: str | None = None,
+        hyperparameters: Mapping[str, str | bool | int | float] | None = None,
     ) -> PushResult:
         """Push a PEFT LoRA adapter folder as a new version of ``repo``.
 
@@ -244,13 +269,20 @@ class Registry:
                 recorded so that a fast apply can check just those.
             parent: a reference to the version this delta stacks on.
             evals: scores to record with the new version (metric name -> finite value).
-            metadata: free-form training metadata (datasets, code commit, hyperparameters).
+            metadata: free-form training metadata (string keys other than the three below).
+            datasets: the training datasets as (name, revision or None) pairs.
+            code_commit: the commit of the training code.
+            hyperparameters: name -> string, bool, int or finite float. These three are stored in the
+                manifest's metadata under ``datasets``, ``code_commit`` and ``hyperparameters``.
 
         Raises:
             InvalidAdapter, UnsafeFile, InvalidSafetensors: the adapter folder is not acceptable.
             BaseMismatch: the adapter does not fit the given base model.
         """
         repo_name = RepoName.parse(repo)
+        recorded = training_metadata(
+            metadata, datasets=datasets, code_commit=code_commit, hyperparameters=hyperparameters
+        )
         adapter = read_peft_adapter(delta)
         base_ref = self._base_ref(base, adapter.targets, base_name, base_revision)
         files = self._describe_files(adapter.folder, adapter.files)
@@ -260,7 +292,7 @@ class Registry:
             base=base_ref,
             params=adapter.params(),
             parent=self.resolve(parent).digest if parent else None,
-            metadata=dict(metadata or {}),
+            metadata=recorded,
         )
         path = f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions"
         payload = {"manifest": manifest.to_json_obj(), "evals": _eval_list(evals)}
@@ -310,23 +342,42 @@ class Registry:
 
     # -- pull, verify, apply -------------------------------------------------------------------
 
-    def pull(self, ref: str, *, output: str | os.PathLike[str] | None = None) -> PulledDelta:
+    def pull(
+        self, ref: str, *, output: str | os.PathLike[str] | None = None, allow_yanked: bool = False
+    ) -> PulledDelta:
         """Download and verify a version (reusing the cache), optionally copying it to ``output``.
 
-        The folder loads unchanged with ``PeftModel.from_pretrained``.
+        The folder loads unchanged with ``PeftModel.from_pretrained``. The registry is asked first, so a
+        yanked version is refused even when it is cached, unless named exactly with ``allow_yanked``.
 
         Raises:
             DigestMismatch: a downloaded file does not match the manifest; nothing is kept.
+            VersionYanked: the version (or an ancestor) is yanked and ``allow_yanked`` is off.
         """
-        return self.pull_version(self.resolve(ref), output=output)
+        info = self.resolve(ref, allow_yanked=allow_yanked)
+        return self.pull_version(info, output=output, allow_yanked=allow_yanked)
 
-    def pull_version(self, info: VersionInfo, *, output: str | os.PathLike[str] | None = None) -> PulledDelta:
-        """``pull`` for a version already resolved."""
+    def pull_version(
+        self,
+        info: VersionInfo,
+        *,
+        output: str | os.PathLike[str] | None = None,
+        allow_yanked: bool = False,
+        chain: bool = True,
+    ) -> PulledDelta:
+        """``pull`` for a version already resolved.
+
+        A version with a parent has its ancestors pulled too (unless ``chain`` is off), first: a yanked
+        ancestor is refused with VersionYanked unless ``allow_yanked`` (see deltareg.client.chain).
+        """
+        from deltareg.client.chain import pull_ancestors
+
+        ancestors = pull_ancestors(self, info, allow_yanked=allow_yanked) if chain else ()
         record = VersionRecord(repo=info.repo, number=info.number, digest=info.digest, manifest=info.manifest)
         folder = self.cache.lookup(info.digest) or self.cache.install(record, self._fetcher(info))
         if output is not None:
             folder = copy_folder(folder, Path(output))
-        return PulledDelta(path=folder, version=record, fingerprints=self.fingerprints)
+        return PulledDelta(path=folder, version=record, fingerprints=self.fingerprints, ancestors=ancestors)
 
     def _fetcher(self, info: VersionInfo) -> Any:
         located = self.transfers.locate([entry.digest for entry in info.manifest.files])
@@ -339,7 +390,11 @@ class Registry:
         return fetch
 
     def verify(
-        self, target: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None
+        self,
+        target: str | os.PathLike[str],
+        *,
+        base: str | os.PathLike[str] | None = None,
+        allow_yanked: bool = False,
     ) -> VersionRecord:
         """Verify a pulled folder, or a reference (pulled first), and optionally the base model.
 
@@ -350,7 +405,7 @@ class Registry:
         if folder.is_dir():
             record = verify_folder(folder)
         else:
-            pulled = self.pull(os.fspath(target))
+            pulled = self.pull(os.fspath(target), allow_yanked=allow_yanked)
             record = verify_folder(pulled.path)
         if base is not None:
             check_base_fingerprint(record.manifest, fingerprint_path(base, cache=self.fingerprints))
@@ -363,12 +418,13 @@ class Registry:
         output: str | os.PathLike[str],
         *,
         verify: VerifyMode = "full",
+        allow_yanked: bool = False,
     ) -> ApplyResult:
         """Pull ``ref`` and write base + delta to ``output`` (nothing is written on a wrong base)."""
         out = Path(output)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InvalidInput(f"output {out} already exists and is not an empty folder")
-        return self.pull(ref).apply_files(base, out, verify=verify)
+        return self.pull(ref, allow_yanked=allow_yanked).apply_files(base, out, verify=verify)
 
     # -- aliases -------------------------------------------------------------------------------
 
@@ -398,7 +454,8 @@ class Registry:
         """
         reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
         validate_alias(alias)
-        version = self.resolve(reference)
+        # A yanked version named exactly is resolved, so that the registry refuses (and audits) the move.
+        version = self.resolve(reference, allow_yanked=True)
         if expected == "current":
             expected = self._alias_holder(reference.repo, alias)
         body = {"version": version.number, "expected": expected, "reason": reason}
@@ -420,3 +477,231 @@ class Registry:
     @staticmethod
     def _alias_path(repo: RepoName, alias: str) -> str:
         return f"/api/v1/repos/{repo.namespace}/{repo.name}/aliases/{alias}"
+
+    # -- alias history and audit ---------------------------------------------------------------
+
+    def alias_history(self, repo: str, alias: str, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The moves of ``alias`` of ``repo``, newest first (kind, from/to version, reason, actor, at)."""
+        repo_name = RepoName.parse(repo)
+        validate_alias(alias)
+        path = f"{self._alias_path(repo_name, alias)}/history"
+        return list(request_json(self._http, "GET", path, params={"limit": limit})["moves"])
+
+    def alias_at(self, repo: str, alias: str, at: datetime) -> VersionInfo:
+        """The version ``alias`` of ``repo`` pointed to at time ``at`` (timezone-aware), yanked or not.
+
+        Raises:
+            AliasNotFound: the alias did not exist at that time.
+        """
+        repo_name = RepoName.parse(repo)
+        validate_alias(alias)
+        if at.tzinfo is None:
+            raise InvalidInput("the time must be timezone-aware (e.g. datetime.now(UTC))")
+        path = f"{self._alias_path(repo_name, alias)}/at"
+        found = request_json(self._http, "GET", path, params={"time": at.isoformat()})
+        version = f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions/{found['version']}"
+        return VersionInfo.from_json(request_json(self._http, "GET", version))
+
+    def audit(
+        self, repo: str | None = None, *, limit: int = 100, before_id: int | None = None
+    ) -> dict[str, Any]:
+        """A page of the audit log, newest first: ``entries`` and ``next_before_id`` for the next page."""
+        params: dict[str, Any] = {"limit": limit}
+        if repo is not None:
+            params["repo"] = str(RepoName.parse(repo))
+        if before_id is not None:
+            params["before_id"] = before_id
+        return dict(request_json(self._http, "GET", "/api/v1/audit", params=params))
+
+    def verify_audit(self) -> dict[str, Any]:
+        """Have the registry recompute the audit log's hash chain.
+
+        Returns the report (``entries`` checked, ``head_hash``) when the chain is intact.
+
+        Raises:
+            AuditChainBroken: naming the first entry that does not match (CLI exit code 3).
+        """
+        report = dict(request_json(self._http, "GET", "/api/v1/audit/verify"))
+        if not report["ok"]:
+            broken = report["first_broken"]
+            raise AuditChainBroken(
+                f"audit log entry {broken['id']} does not verify: {broken['problem']} "
+                f"({report['entries'] - 1} entries before it are intact)"
+            )
+        return report
+
+    # -- evals and search ----------------------------------------------------------------------
+
+    def eval(
+        self,
+        ref: str | Reference,
+        scores: Mapping[str, float],
+        *,
+        dataset: str | None = None,
+        dataset_revision: str | None = None,
+        suite: str | None = None,
+    ) -> dict[str, Any]:
+        """Record scores on the version ``ref`` names (yanked versions too, when named by number).
+
+        Args:
+            ref: the version (``ns/name:N``; ``ns/name``, ``@alias`` and ``@sha256:…`` are resolved first).
+            scores: metric name -> finite value (at least one, at most 64).
+            dataset, dataset_revision: what the scores were measured on.
+            suite: the eval suite's version.
+
+        Returns:
+            ``repo``, ``number``, ``digest`` and the recorded ``evals`` (with ``actor`` and ``created_at``).
+
+        Raises:
+            InvalidInput: no scores, or a value that is not finite (nothing is recorded).
+            RepoNotFound, VersionNotFound: the version does not exist.
+        """
+        reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
+        if not scores:
+            raise InvalidInput("no scores given: pass at least one NAME=VALUE")
+        extra = {"dataset": dataset, "dataset_revision": dataset_revision, "suite_version": suite}
+        items = [{**item, **extra} for item in _eval_list(scores)]
+        number = reference.version if reference.version is not None else self.resolve(reference).number
+        repo = reference.repo
+        path = f"/api/v1/repos/{repo.namespace}/{repo.name}/versions/{number}/evals"
+        return dict(request_json(self._http, "POST", path, json={"evals": items}))
+
+    def search(
+        self,
+        *,
+        repo: str | None = None,
+        namespace: str | None = None,
+        base: str | None = None,
+        where: Sequence[str] = (),
+        dataset: str | None = None,
+        alias: str | None = None,
+        include_yanked: bool = False,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Versions matching every filter given, newest first (each with its ``evals`` and ``matched``).
+
+        Args:
+            repo: ``namespace/name``; or ``namespace`` for all of its repositories.
+            base: a ``tmv1:`` base fingerprint.
+            where: conditions like ``accuracy>=0.8`` (ops >=, <=, >, <, =): the version's newest score of
+                the metric (on ``dataset``, if given) must satisfy each.
+            dataset: versions with a score on this dataset; also scopes ``where`` to it.
+            alias: versions that an alias of this name points to now.
+            include_yanked: yanked versions are left out unless this is set.
+            limit: at most this many versions (None: all), fetched a page at a time.
+        """
+        params: dict[str, Any] = {"where": list(where), "include_yanked": include_yanked}
+        optional = {"repo": repo, "namespace": namespace, "base": base, "dataset": dataset, "alias": alias}
+        params.update({key: value for key, value in optional.items() if value is not None})
+        found: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while limit is None or len(found) < limit:
+            page_size = SEARCH_PAGE if limit is None else min(SEARCH_PAGE, limit - len(found))
+            page_params = {**params, "limit": page_size, **({"cursor": cursor} if cursor else {})}
+            page = request_json(self._http, "GET", "/api/v1/versions", params=page_params)
+            found.extend(page["versions"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        return found
+
+    # -- lineage -------------------------------------------------------------------------------
+
+    def lineage(self, ref: str, *, depth: int | None = None, manifests: bool = False) -> dict[str, Any]:
+        """The lineage graph of ``ref``: ``root``, ``nodes``, ``edges`` (parent -> child digests),
+        ``ancestors`` (nearest first), ``descendants`` (breadth-first, ``depth`` levels) and ``truncated``.
+
+        ``manifests`` adds the manifests of the root and its ancestors to their nodes.
+        """
+        params: dict[str, Any] = {"ref": str(Reference.parse(ref))}
+        if depth is not None:
+            params["depth"] = depth
+        if manifests:
+            params["manifests"] = "true"
+        return dict(request_json(self._http, "GET", "/api/v1/lineage", params=params))
+
+    # -- policies, approvals, rollback, yank ---------------------------------------------------
+
+    def set_policy(self, repo: str, alias: str, policy: Mapping[str, Any]) -> dict[str, Any]:
+        """Set (or replace) the promotion policy of ``alias`` of ``repo``.
+
+        ``policy``: ``min`` / ``max`` (metric -> value), ``no_regression`` (``[{"metric", "tolerance",
+        "higher_is_better"}]``), ``approvals`` (count), ``require_signature`` (bool); at least one rule.
+        """
+        return dict(request_json(self._http, "PUT", self._policy_path(repo, alias), json=dict(policy)))
+
+    def policy(self, repo: str, alias: str) -> dict[str, Any]:
+        """The policy of ``alias`` (``repo``, ``alias``, ``policy``, ``updated_by``, ``updated_at``)."""
+        return dict(request_json(self._http, "GET", self._policy_path(repo, alias)))
+
+    def policies(self, repo: str) -> list[dict[str, Any]]:
+        """Every policy of ``repo``, by alias."""
+        repo_name = RepoName.parse(repo)
+        path = f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/policies"
+        return list(request_json(self._http, "GET", path)["policies"])
+
+    def clear_policy(self, repo: str, alias: str) -> dict[str, Any]:
+        """Remove the policy of ``alias`` (NotFound if it has none); returns the removed policy."""
+        return dict(request_json(self._http, "DELETE", self._policy_path(repo, alias)))
+
+    def approve(self, ref: str, alias: str, *, comment: str | None = None) -> dict[str, Any]:
+        """Approve moving ``alias`` to the version ``ref`` names, as this client's actor.
+
+        Returns the approval with ``created`` (false: this actor had approved already, nothing changed).
+
+        Raises:
+            PermissionDenied: the actor pushed the version, or is anonymous.
+        """
+        validate_alias(alias)
+        path = self._version_path(ref, "approvals")
+        return dict(request_json(self._http, "POST", path, json={"alias": alias, "comment": comment}))
+
+    def approvals(self, ref: str, *, alias: str | None = None) -> list[dict[str, Any]]:
+        """The approvals of the version ``ref`` names (of one alias, if given), oldest first."""
+        params = {"alias": validate_alias(alias)} if alias is not None else None
+        path = self._version_path(ref, "approvals")
+        return list(request_json(self._http, "GET", path, params=params)["approvals"])
+
+    def rollback(
+        self,
+        repo: str,
+        alias: str,
+        *,
+        to: int | None = None,
+        reason: str | None = None,
+        expected: int | None | Literal["current"] = "current",
+    ) -> dict[str, Any]:
+        """Move ``alias`` back to its previous holder that is not yanked, or to version ``to``.
+
+        ``expected`` (default: read the current holder first) makes a concurrent move fail with Conflict
+        instead of being rolled back too. Returns the alias as moved (``previous``: where it was).
+        """
+        repo_name = RepoName.parse(repo)
+        validate_alias(alias)
+        if expected == "current":
+            expected = self._alias_holder(repo_name, alias)
+        body = {"to": to, "reason": reason, "expected": expected}
+        path = self._alias_path(repo_name, alias) + "/rollback"
+        return dict(request_json(self._http, "POST", path, json=body))
+
+    def yank(self, ref: str, reason: str, *, rollback: bool = False) -> dict[str, Any]:
+        """Yank the version ``ref`` names (``ns/name:N``, ``@sha256:...`` or ``@alias``), with a reason.
+
+        With ``rollback``, every alias pointing to it rolls back to its previous holder that is not
+        yanked; without, a yank of an alias holder is refused (Conflict naming the aliases).
+        """
+        reference = Reference.parse(ref)
+        if reference.version is None and reference.digest is None and reference.alias is None:
+            raise InvalidInput(f"name the version to yank: {ref}:N, {ref}@sha256:... or {ref}@ALIAS")
+        path = self._version_path(reference, "yank")
+        return dict(request_json(self._http, "POST", path, json={"reason": reason, "rollback": rollback}))
+
+    def _policy_path(self, repo: str, alias: str) -> str:
+        return self._alias_path(RepoName.parse(repo), validate_alias(alias)) + "/policy"
+
+    def _version_path(self, ref: str | Reference, suffix: str) -> str:
+        """``/api/v1/repos/<ns>/<name>/versions/<N>/<suffix>`` for the version ``ref`` names (a yanked
+        one too, so the registry's own answer says what is wrong with it)."""
+        reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
+        number = reference.version or self.resolve(reference, allow_yanked=True).number
+        return f"/api/v1/repos/{reference.repo.namespace}/{reference.repo.name}/versions/{number}/{suffix}"

@@ -10,6 +10,12 @@ identity, either its whole fingerprint (``verify="full"``) or only the digests o
 changes (``verify="touched"``, faster; it cannot notice a difference in a tensor the delta does not touch,
 which is the trade-off of that mode).
 
+A version that stacks on a parent is applied as a chain (``apply_steps_*``): the oldest ancestor first on
+the pristine base, then each descendant, every step merged and rounded to the base dtype as PEFT's
+``merge_and_unload`` would (its delta was trained on base + parent merged). The steps must link (each
+one's ``parent`` is the digest of the step before, the first has none) and share one base fingerprint;
+the base is checked once, and every step's targets against it, before any tensor is modified.
+
 This module needs torch; the rest of the library imports without it.
 """
 
@@ -21,6 +27,7 @@ import shutil
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -55,6 +62,18 @@ BLOCK_ELEMENTS = 1 << 20
 COPY_CHUNK = 16 << 20
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B), as stored in the adapter file
+# One merge into a base tensor: the target and its (A, B).
+Merge = tuple[LoraTarget, torch.Tensor, torch.Tensor]
+# Base tensor name -> its merges, in chain order (oldest version first).
+Merges = dict[str, list[Merge]]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One version of a chain to apply: its verified folder and its manifest."""
+
+    path: Path
+    manifest: Manifest
 
 
 @dataclass(frozen=True)
@@ -135,29 +154,45 @@ def apply_to_state_dict(
 
     Raises:
         BaseMismatch: the state dict is not the base this version was made for; nothing was modified.
-        InvalidManifest, InvalidAdapter, InvalidSafetensors: the version itself is not usable.
+        InvalidManifest, InvalidAdapter, InvalidSafetensors: the version itself is not usable (a version
+            with a parent must be applied as a chain: ``apply_steps_to_state_dict``).
     """
-    targets = _targets(manifest, verify)
+    apply_steps_to_state_dict(state, [Step(Path(version_dir), manifest)], verify=verify)
+
+
+def apply_steps_to_state_dict(
+    state: MutableMapping[str, torch.Tensor], steps: Sequence[Step], *, verify: VerifyMode = "full"
+) -> None:
+    """Apply a chain of versions (oldest first) to a state dict in place, each step rounded to the dtype.
+
+    Raises:
+        BaseMismatch: the state dict is not the chain's base, or a step's target does not fit it; nothing
+            was modified.
+        InvalidManifest: the steps do not form a chain on one base; InvalidAdapter, InvalidSafetensors: a
+            version is not usable.
+    """
+    plans = _plan(steps, verify)
     # Detached views share the tensors' memory; non-tensor entries (a module's "_extra_state") are not
     # weights and are never saved as such.
     detached = {name: value.detach() for name, value in state.items() if isinstance(value, torch.Tensor)}
-    check_against_base(targets, {name: _spec_of(tensor) for name, tensor in detached.items()})
-    factors = load_factors(version_dir, manifest, targets)
+    specs = {name: _spec_of(tensor) for name, tensor in detached.items()}
+    for _, targets in plans:
+        check_against_base(targets, specs)
+    merges = _load_merges(plans)
     if verify == "full":
-        _verify_fingerprint(manifest, fingerprint_state_dict(detached))
+        _verify_fingerprint(steps[-1].manifest, fingerprint_state_dict(detached))
     else:
-        expected = _touched_digests(manifest, targets)
+        expected = _chain_touched_digests(plans)
         _verify_touched(expected, tensor_digests_of_state_dict(detached, expected))
     with torch.no_grad():
-        for target in targets:
-            lora_a, lora_b = factors[target.module]
-            merge_lora_into(
-                detached[target.base_tensor],
-                lora_a,
-                lora_b,
-                target.scale,
-                fan_in_fan_out=target.fan_in_fan_out,
-            )
+        for name, merges_of_tensor in merges.items():
+            _merge_all(detached[name], merges_of_tensor)
+
+
+def _merge_all(weight: torch.Tensor, merges: Sequence[Merge]) -> None:
+    """Each merge in turn, each rounded to the weight's dtype: what merging the versions one by one does."""
+    for target, lora_a, lora_b in merges:
+        merge_lora_into(weight, lora_a, lora_b, target.scale, fan_in_fan_out=target.fan_in_fan_out)
 
 
 def apply_to_module(
@@ -216,22 +251,37 @@ def apply_files(
         InvalidModel, InvalidSafetensors, UnsafeFile: the base folder is unusable.
         InvalidManifest, InvalidAdapter: the version itself is not usable.
     """
-    targets = _targets(manifest, verify)
+    return apply_steps_files(base, [Step(Path(version_dir), manifest)], out, verify=verify, cache=cache)
+
+
+def apply_steps_files(
+    base: str | os.PathLike[str],
+    steps: Sequence[Step],
+    out: str | os.PathLike[str],
+    *,
+    verify: VerifyMode = "full",
+    cache: FingerprintCache | None = None,
+) -> ApplyResult:
+    """``apply_files`` for a chain of versions (oldest first), in one pass: each changed tensor is read
+    once, merged with every step in turn (each rounded to its dtype) and written; memory stays near one
+    tensor plus the chain's LoRA factors. Everything is checked before anything is written."""
+    plans = _plan(steps, verify)
     output = Path(out)
     _refuse_existing_output(output)
     weight_files = find_weight_files(base)
     headers = {path: read_header_file(path) for path in weight_files}
-    check_against_base(targets, _specs_of_files(headers))
-    factors = load_factors(version_dir, manifest, targets)
+    specs = _specs_of_files(headers)
+    for _, targets in plans:
+        check_against_base(targets, specs)
+    merges = _load_merges(plans)
     if verify == "full":
-        _verify_fingerprint(manifest, fingerprint_path(base, cache=cache))
+        _verify_fingerprint(steps[-1].manifest, fingerprint_path(base, cache=cache))
     else:
-        expected = _touched_digests(manifest, targets)
+        expected = _chain_touched_digests(plans)
         _verify_touched(expected, tensor_digests(base, expected, cache=cache))
     folder = Path(base) if Path(base).is_dir() else None
-    by_tensor = {target.base_tensor: target for target in targets}
-    written = _write_atomically(output, lambda temp: _write_model(folder, headers, by_tensor, factors, temp))
-    return ApplyResult(output=output, tensors_changed=len(targets), files_written=written)
+    written = _write_atomically(output, lambda temp: _write_model(folder, headers, merges, temp))
+    return ApplyResult(output=output, tensors_changed=len(merges), files_written=written)
 
 
 def _refuse_existing_output(output: Path) -> None:
@@ -270,8 +320,7 @@ def _write_atomically(output: Path, write: Callable[[Path], list[str]]) -> list[
 def _write_model(
     folder: Path | None,
     headers: Mapping[Path, SafetensorsHeader],
-    targets: Mapping[str, LoraTarget],
-    factors: Factors,
+    merges: Mapping[str, Sequence[Merge]],
     temp: Path,
 ) -> list[str]:
     """Write every weight file (merged) and, for a folder, its other files; return the relative paths."""
@@ -280,7 +329,7 @@ def _write_model(
         relative = path.relative_to(folder) if folder is not None else Path(path.name)
         destination = temp / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
-        _write_weight_file(path, header, targets, factors, destination)
+        _write_weight_file(path, header, merges, destination)
         written.append(relative.as_posix())
     for path in _other_files(folder, headers) if folder is not None else []:
         shutil.copyfile(path, temp / path.name)
@@ -305,8 +354,7 @@ def _other_files(folder: Path, headers: Mapping[Path, SafetensorsHeader]) -> lis
 def _write_weight_file(
     source: Path,
     header: SafetensorsHeader,
-    targets: Mapping[str, LoraTarget],
-    factors: Factors,
+    merges: Mapping[str, Sequence[Merge]],
     destination: Path,
 ) -> None:
     """Copy ``source`` to ``destination`` byte for byte, except the targets' bytes, which are merged."""
@@ -319,13 +367,12 @@ def _write_weight_file(
     ):
         _copy_range(src.fileno(), dst, 0, header.data_start)
         for name, entry in header.tensors.items():  # in offset order: the file is written sequentially
-            target = targets.get(name)
-            if target is None:
+            merges_of_tensor = merges.get(name)
+            if merges_of_tensor is None:
                 _copy_range(src.fileno(), dst, entry.start, entry.nbytes)
                 continue
             weight = tensors.get_tensor(name)
-            lora_a, lora_b = factors[target.module]
-            merge_lora_into(weight, lora_a, lora_b, target.scale, fan_in_fan_out=target.fan_in_fan_out)
+            _merge_all(weight, merges_of_tensor)
             dst.write(memoryview(weight.contiguous().reshape(-1).view(torch.uint8).numpy()))
         size = dst.tell()
     if size != os.path.getsize(source):
@@ -345,6 +392,53 @@ def _copy_range(src_fd: int, dst: BinaryIO, offset: int, length: int) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Checks shared by both paths
+
+
+def _plan(steps: Sequence[Step], verify: str) -> list[tuple[Step, list[LoraTarget]]]:
+    """Every step's targets, once the steps are known to form a chain on one base (oldest first)."""
+    if not steps:
+        raise InvalidInput("nothing to apply: the chain has no versions")
+    first = steps[0].manifest
+    if first.parent is not None:
+        raise InvalidManifest(
+            f"version {first.digest} stacks on parent {first.parent}: apply its whole chain, oldest first "
+            "(Registry.pull fetches the ancestors)"
+        )
+    for previous, step in pairwise(steps):
+        if step.manifest.parent != previous.manifest.digest:
+            raise InvalidManifest(
+                f"not a chain: the parent of {step.manifest.digest} is {step.manifest.parent}, "
+                f"not the version before it, {previous.manifest.digest}"
+            )
+        if step.manifest.base.fingerprint != first.base.fingerprint:
+            raise InvalidManifest(
+                f"version {step.manifest.digest} applies to base {step.manifest.base.fingerprint}, but its "
+                f"chain starts on base {first.base.fingerprint}"
+            )
+    return [(step, _targets(step.manifest, verify)) for step in steps]
+
+
+def _load_merges(plans: Sequence[tuple[Step, list[LoraTarget]]]) -> Merges:
+    """Every step's factors (checked), grouped by the base tensor they change, in chain order."""
+    merges: Merges = {}
+    for step, targets in plans:
+        factors = load_factors(step.path, step.manifest, targets)
+        for target in targets:
+            merges.setdefault(target.base_tensor, []).append((target, *factors[target.module]))
+    return merges
+
+
+def _chain_touched_digests(plans: Sequence[tuple[Step, list[LoraTarget]]]) -> dict[str, str]:
+    """The base tensor digests every step recorded, merged; the steps must agree (one base)."""
+    expected: dict[str, str] = {}
+    for step, targets in plans:
+        for name, digest in _touched_digests(step.manifest, targets).items():
+            if expected.setdefault(name, digest) != digest:
+                raise InvalidManifest(
+                    f"the versions of this chain record different digests for base tensor {name}; "
+                    "use verify='full'"
+                )
+    return expected
 
 
 def _targets(manifest: Manifest, verify: str) -> list[LoraTarget]:

@@ -17,7 +17,7 @@ classes to exit codes in one table (``deltareg.client.cli.EXIT_CODES``).
     ├── VersionYanked (410: the version was yanked; name it exactly and allow yanked versions to pull it)
     ├── PayloadTooLarge (413)
     ├── VerificationFailed (400; the CLI exits 3)
-    │   ├── DigestMismatch, BaseMismatch
+    │   ├── DigestMismatch, BaseMismatch, AuditChainBroken
     ├── ServiceUnavailable (503)
     └── ConnectionFailed (client only: the server could not be reached)
 """
@@ -150,6 +150,12 @@ class DigestMismatch(VerificationFailed):
 
 class BaseMismatch(VerificationFailed):
     code = "base_mismatch"
+
+
+class AuditChainBroken(VerificationFailed):
+    """The audit log's hash chain does not verify: an entry was changed, removed or reordered."""
+
+    code = "audit_chain_broken"
 
 
 class ServiceUnavailable(DeltaregError):

@@ -86,6 +86,16 @@ class Manifest(_Strict):
             raise ValueError("files must be sorted by path")
         return self
 
+    @model_validator(mode="after")
+    def _canonicalizable(self) -> Manifest:
+        # RFC 8785 holds numbers as IEEE doubles: an integer beyond 2**53 has no canonical form, so the
+        # manifest would have no digest.
+        try:
+            self.canonical_bytes()
+        except rfc8785.CanonicalizationError as exc:
+            raise ValueError(f"not representable as canonical JSON (RFC 8785): {exc}") from None
+        return self
+
     def to_json_obj(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 

@@ -14,8 +14,13 @@ from deltareg.registry.blobs.routes import router as blobs_router
 from deltareg.registry.config import Settings
 from deltareg.registry.db import Database
 from deltareg.registry.errors import add_exception_handlers
+from deltareg.registry.evals.routes import router as evals_router
 from deltareg.registry.gc.task import periodic_gc
+from deltareg.registry.history.routes import router as history_router
+from deltareg.registry.lineage.routes import router as lineage_router
 from deltareg.registry.migrate import check_schema, upgrade
+from deltareg.registry.policies.routes import router as policies_router
+from deltareg.registry.search.routes import router as search_router
 from deltareg.registry.storage import open_store
 from deltareg.registry.versions.routes import router as versions_router
 
@@ -52,6 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(versions_router)
     app.include_router(aliases_router)
     app.include_router(audit_router)
+    app.include_router(evals_router)
+    app.include_router(search_router)
+    app.include_router(history_router)
+    app.include_router(lineage_router)
+    app.include_router(policies_router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"])
     return app

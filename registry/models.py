@@ -121,7 +121,8 @@ class Version(Base):
     manifest: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(32))
     base_fingerprint: Mapped[str] = mapped_column(String(FINGERPRINT_LENGTH), index=True)
-    parent_digest: Mapped[str | None] = mapped_column(String(DIGEST_LENGTH))
+    # Indexed: lineage finds a version's children by their parent's digest.
+    parent_digest: Mapped[str | None] = mapped_column(String(DIGEST_LENGTH), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # Who pushed it: approvals for a promotion must come from someone else.
     pushed_by: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
@@ -149,8 +150,13 @@ class Eval(Base):
     who recorded it and when."""
 
     __tablename__ = "evals"
-    # Search: "versions where accuracy >= 0.8" is a range scan on (name, value).
-    __table_args__ = (Index("ix_evals_name_value", "name", "value"),)
+    # Search: "versions where accuracy >= 0.8" is a range scan on (name, value); "the newest score of a
+    # metric" probes (version_id, name, id); "scores on dataset D" probes dataset.
+    __table_args__ = (
+        Index("ix_evals_name_value", "name", "value"),
+        Index("ix_evals_version_id_name_id", "version_id", "name", "id"),
+        Index("ix_evals_dataset", "dataset"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"), index=True)

@@ -75,3 +75,71 @@ def aliases_(session: Session, repo: str) -> None:
             click.echo(f"{a['name']}\t{repo}:{a['version']}\t{a['digest']}\t{a['updated_at']}")
 
     session.emit({"repo": repo, "aliases": aliases}, table)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--alias", "alias", required=True, metavar="NAME", help="The alias you approve moving to REF.")
+@click.option("--comment", default=None, metavar="TEXT", help="Kept with the approval.")
+@with_session
+def approve(session: Session, ref: str, alias: str, comment: str | None) -> None:
+    """Approve moving ALIAS to the version REF names (as DELTAREG_ACTOR; not the version's pusher)."""
+    approval = session.registry.approve(ref, alias, comment=comment)
+    target = f"{approval['repo']}:{approval['version']}"
+    if approval["created"]:
+        human = f"{approval['actor']} approved moving {alias} to {target}"
+    else:
+        human = f"{approval['actor']} had already approved moving {alias} to {target}; nothing changed"
+    session.emit(approval, human)
+
+
+@cli.command()
+@click.argument("repo")
+@click.option("--alias", "alias", required=True, metavar="NAME", help="The alias to move back.")
+@click.option(
+    "--to",
+    "to",
+    type=click.IntRange(1, MAX_VERSION),
+    default=None,
+    metavar="N",
+    help="A version that held the alias before (default: the previous holder that is not yanked).",
+)
+@click.option("--reason", default=None, metavar="TEXT", help="Why; kept in the alias history.")
+@with_session
+def rollback(session: Session, repo: str, alias: str, to: int | None, reason: str | None) -> None:
+    """Move ALIAS of REPO back to its previous holder that is not yanked (or to --to N).
+
+    Repeated rollbacks keep going back through the promotions. The alias's policy is not applied: the
+    version held the alias before. A concurrent move of the alias makes this fail (exit 1).
+    """
+    moved = session.registry.rollback(repo, alias, to=to, reason=reason)
+    human = f"rolled back {moved['name']} of {moved['repo']}: {moved['previous']} -> {moved['version']} "
+    session.emit(moved, human + f"({moved['digest']})")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--reason", required=True, metavar="TEXT", help="Why the version is bad (shown to pullers).")
+@click.option(
+    "--rollback",
+    "rollback_aliases",
+    is_flag=True,
+    help="Roll back every alias pointing to the version (without it, yanking an alias holder fails).",
+)
+@with_session
+def yank(session: Session, ref: str, reason: str, rollback_aliases: bool) -> None:
+    """Yank the version REF names: pulls refuse it unless named exactly with --allow-yanked.
+
+    It stays readable (deltareg show). No alias may point to it: with --rollback, each alias pointing to
+    it moves back to its previous holder that is not yanked.
+    """
+    if not reason.strip():
+        raise click.BadParameter("give a reason", param_hint="--reason")
+    result = session.registry.yank(ref, reason, rollback=rollback_aliases)
+
+    def report() -> None:
+        click.echo(f"yanked {result['repo']}:{result['number']} ({result['digest']}): {reason.strip()}")
+        for moved in result["rolled_back"]:
+            click.echo(f"rolled back {moved['alias']}: {moved['previous']} -> {moved['version']}")
+
+    session.emit(result, report)

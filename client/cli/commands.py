@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,11 @@ import click
 from deltareg.client.api import VersionInfo
 from deltareg.client.cli import cli
 from deltareg.client.cli._options import Session, parse_pairs, parse_scores, with_session
+from deltareg.client.cli.audit import Moment
+from deltareg.client.cli.evals import measured_on
+from deltareg.client.cli.lineage import parse_datasets, parse_hyperparameters, training_lines
 from deltareg.client.fingerprint import fingerprint_path
+from deltareg.client.refs import Reference
 
 EXISTING_PATH = click.Path(exists=True, path_type=Path)
 
@@ -67,6 +72,17 @@ def hash_(session: Session, model: Path) -> None:
 @click.option("--parent", default=None, metavar="REF", help="The version this delta stacks on.")
 @click.option("--eval", "evals", multiple=True, metavar="NAME=VALUE", help="A score to record (repeatable).")
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", help="Training metadata (repeatable).")
+@click.option(
+    "--dataset", "datasets", multiple=True, metavar="NAME[@REVISION]", help="A training dataset (repeatable)."
+)
+@click.option("--code-commit", default=None, metavar="SHA", help="Commit of the training code.")
+@click.option(
+    "--hparam",
+    "hparams",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A hyperparameter (repeatable; a number is recorded as a number).",
+)
 @with_session
 def push(
     session: Session,
@@ -78,6 +94,9 @@ def push(
     parent: str | None,
     evals: tuple[str, ...],
     meta: tuple[str, ...],
+    datasets: tuple[str, ...],
+    code_commit: str | None,
+    hparams: tuple[str, ...],
 ) -> None:
     """Push a PEFT LoRA adapter folder DELTA as a new version of REPO (namespace/name)."""
     result = session.registry.push(
@@ -89,6 +108,9 @@ def push(
         metadata=parse_pairs(meta, "--meta"),
         base_name=base_name,
         base_revision=base_revision,
+        datasets=parse_datasets(datasets),
+        code_commit=code_commit,
+        hyperparameters=parse_hyperparameters(hparams),
     )
     v = result.version
     if result.created:
@@ -107,6 +129,13 @@ def push(
     )
 
 
+ALLOW_YANKED = click.option(
+    "--allow-yanked",
+    is_flag=True,
+    help="Use a yanked version anyway: one named exactly (REPO:N, REPO@sha256:...), or a yanked ancestor.",
+)
+
+
 @cli.command()
 @click.argument("ref")
 @click.option(
@@ -116,13 +145,14 @@ def push(
     default=None,
     help="Copy the verified version to this folder (absent or empty).",
 )
+@ALLOW_YANKED
 @with_session
-def pull(session: Session, ref: str, output: Path | None) -> None:
+def pull(session: Session, ref: str, output: Path | None, allow_yanked: bool) -> None:
     """Download and verify REF; print the local folder (it loads with PeftModel.from_pretrained)."""
     registry = session.registry
-    info = registry.resolve(ref)
+    info = registry.resolve(ref, allow_yanked=allow_yanked)
     cached = registry.cache.lookup(info.digest) is not None
-    pulled = registry.pull_version(info, output=output)
+    pulled = registry.pull_version(info, output=output, allow_yanked=allow_yanked)
     session.note(f"{info.ref} {info.digest} {'(cached)' if cached else '(downloaded and verified)'}")
     session.emit({**info.summary(), "path": str(pulled.path), "cached": cached}, str(pulled.path))
 
@@ -130,10 +160,11 @@ def pull(session: Session, ref: str, output: Path | None) -> None:
 @cli.command()
 @click.argument("target", metavar="REF|DIR")
 @click.option("--base", type=EXISTING_PATH, default=None, help="Also check that MODEL is the delta's base.")
+@ALLOW_YANKED
 @with_session
-def verify(session: Session, target: str, base: Path | None) -> None:
+def verify(session: Session, target: str, base: Path | None, allow_yanked: bool) -> None:
     """Verify a pulled folder or a reference: file digests, manifest digest, and optionally the base."""
-    record = session.registry.verify(target, base=base)
+    record = session.registry.verify(target, base=base, allow_yanked=allow_yanked)
     files = len(record.manifest.files)
     human = f"verified {record.repo}:{record.number} {record.digest}: {files} files" + (
         f"; base {base} matches {record.manifest.base.fingerprint}" if base else ""
@@ -160,10 +191,13 @@ def verify(session: Session, target: str, base: Path | None) -> None:
     is_flag=True,
     help="Check only the touched base tensors' digests instead of the whole fingerprint.",
 )
+@ALLOW_YANKED
 @with_session
-def apply(session: Session, ref: str, base: Path, output: Path, fast: bool) -> None:
+def apply(session: Session, ref: str, base: Path, output: Path, fast: bool, allow_yanked: bool) -> None:
     """Write BASE + delta REF to OUTPUT, file to file; refuses a base the delta was not made for."""
-    result = session.registry.apply(ref, base, output, verify="touched" if fast else "full")
+    result = session.registry.apply(
+        ref, base, output, verify="touched" if fast else "full", allow_yanked=allow_yanked
+    )
     session.emit(
         {
             "ref": ref,
@@ -195,11 +229,33 @@ def list_(session: Session, namespace: str | None) -> None:
 
 @cli.command()
 @click.argument("ref")
+@click.option(
+    "--at",
+    "at",
+    type=Moment(),
+    default=None,
+    help="With REPO@ALIAS: the version the alias pointed to at TIME (ISO 8601; local time without offset).",
+)
 @with_session
-def show(session: Session, ref: str) -> None:
+def show(session: Session, ref: str, at: datetime | None) -> None:
     """Show a version: digest, base, parent, files, parameters and metadata."""
-    info = session.registry.resolve(ref)
+    # A yanked version named exactly is shown (with why it was yanked): it stays readable for audit.
+    info = session.registry.resolve(ref, allow_yanked=True) if at is None else _alias_at(session, ref, at)
     session.emit({**info.summary(), "manifest": info.manifest.to_json_obj()}, lambda: _print_version(info))
+
+
+def _alias_at(session: Session, ref: str, at: datetime) -> VersionInfo:
+    reference = Reference.parse(ref)
+    if reference.alias is None:
+        raise click.BadParameter("--at needs a reference to an alias (REPO@ALIAS)", param_hint="REF")
+    info = session.registry.alias_at(str(reference.repo), reference.alias, at)
+    session.note(f"{ref} pointed to {info.ref} at {at.astimezone(UTC).isoformat()}")
+    return info
+
+
+def _yank_line(yanked: dict[str, Any]) -> str:
+    by = f"by {yanked['by']}, " if yanked.get("by") else ""
+    return f"yanked:   {yanked['reason']} ({by}{yanked['at']})"
 
 
 def _print_version(info: VersionInfo) -> None:
@@ -210,7 +266,8 @@ def _print_version(info: VersionInfo) -> None:
         f"kind:     {info.kind}",
         f"base:     {m.base.fingerprint}{base_name}",
         f"parent:   {info.parent or '-'}",
-        f"created:  {info.created_at}",
+        f"created:  {info.created_at}" + (f" by {info.pushed_by}" if info.pushed_by else ""),
+        *([_yank_line(info.yanked)] if info.yanked else []),
         "files:",
         *(f"  {f.path}  {_size(f.size)}  {f.digest}" for f in m.files),
     ]
@@ -218,9 +275,6 @@ def _print_version(info: VersionInfo) -> None:
     if modules:
         ranks = sorted({int(p["r"]) for p in modules.values()})
         lines.append(f"lora:     {len(modules)} modules, r={','.join(map(str, ranks))}")
-    lines += [
-        f"eval:     {e['name']}={e['value']}" + (f" ({e['dataset']})" if e.get("dataset") else "")
-        for e in info.evals
-    ]
-    lines += [f"meta:     {k}={v}" for k, v in sorted(m.metadata.items())]
+    lines += [f"eval:     {e['name']}={e['value']}{measured_on(e)}" for e in info.evals]
+    lines += training_lines(m.metadata)
     click.echo("\n".join(lines))

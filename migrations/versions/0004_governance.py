@@ -27,10 +27,13 @@ def upgrade() -> None:
     op.add_column("versions", sa.Column("yanked_at", TIMESTAMP, nullable=True))
     op.add_column("versions", sa.Column("yank_reason", sa.Text(), nullable=True))
     op.add_column("versions", sa.Column("yanked_by", ACTOR, nullable=True))
+    op.create_index(op.f("ix_versions_parent_digest"), "versions", ["parent_digest"])
     op.add_column("evals", sa.Column("dataset_revision", sa.String(length=256), nullable=True))
     op.add_column("evals", sa.Column("suite_version", sa.String(length=128), nullable=True))
     op.add_column("evals", sa.Column("actor", ACTOR, nullable=True))
     op.create_index("ix_evals_name_value", "evals", ["name", "value"])
+    op.create_index("ix_evals_version_id_name_id", "evals", ["version_id", "name", "id"])
+    op.create_index("ix_evals_dataset", "evals", ["dataset"])
     op.create_table(
         "alias_policies",
         sa.Column("repo_id", sa.Integer(), nullable=False),
@@ -77,8 +80,11 @@ def downgrade() -> None:
     op.drop_table("audit_log")
     op.drop_table("approvals")
     op.drop_table("alias_policies")
+    op.drop_index("ix_evals_dataset", table_name="evals")
+    op.drop_index("ix_evals_version_id_name_id", table_name="evals")
     op.drop_index("ix_evals_name_value", table_name="evals")
     for column in ("actor", "suite_version", "dataset_revision"):
         op.drop_column("evals", column)
+    op.drop_index(op.f("ix_versions_parent_digest"), table_name="versions")
     for column in ("yanked_by", "yank_reason", "yanked_at", "pushed_by"):
         op.drop_column("versions", column)

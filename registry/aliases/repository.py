@@ -29,6 +29,24 @@ class AliasRepository:
         row = self.session.execute(statement).first()
         return None if row is None else (row[0], row[1])
 
+    def pointing_to(self, repo_id: int, version_id: int) -> list[str]:
+        """The names of the repo's aliases that point to the version now, sorted."""
+        statement = (
+            select(Alias.name)
+            .where(Alias.repo_id == repo_id, Alias.version_id == version_id)
+            .order_by(Alias.name)
+        )
+        return list(self.session.scalars(statement))
+
+    def history(self, repo_id: int, name: str) -> list[AliasMove]:
+        """Every recorded move of the alias, oldest first."""
+        statement = (
+            select(AliasMove)
+            .where(AliasMove.repo_id == repo_id, AliasMove.alias == name)
+            .order_by(AliasMove.id)
+        )
+        return list(self.session.scalars(statement))
+
     def list(self, repo_id: int) -> list[AliasTarget]:
         statement = (
             select(Alias, Version)

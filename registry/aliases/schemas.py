@@ -24,6 +24,26 @@ class MoveAliasRequest(BaseModel):
     reason: str | None = Field(default=None, max_length=MAX_REASON_LENGTH)
 
 
+class RollbackRequest(BaseModel):
+    """Move the alias back: to its previous holder that is not yanked, or to ``to`` (a former holder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_VERSION,
+        description="a version that held the alias before; null: the previous holder that is not yanked",
+    )
+    expected: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_VERSION,
+        description="the version the alias must point to now (409 otherwise); null: whatever it holds",
+    )
+    reason: str | None = Field(default=None, max_length=MAX_REASON_LENGTH)
+
+
 class AliasOut(BaseModel):
     repo: str
     name: str

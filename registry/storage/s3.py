@@ -24,9 +24,11 @@ import base64
 import hashlib
 import logging
 import math
+import queue
 import re
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -69,7 +71,13 @@ from deltareg.registry.storage.base import (
 logger = logging.getLogger("deltareg.registry.storage")
 
 MAX_PARTS = 10_000
+# Reading an object back to hash it: chunks read ahead of the hasher (a thread) at most.
 READ_CHUNK_BYTES = MIB
+HASH_QUEUE_CHUNKS = 8
+# The first bytes of blobs this process read back and verified, kept for read_range (the version
+# commit reads each safetensors header right after the upload's complete): no second GET of the start.
+HEAD_CACHE_BYTES = MIB
+HEAD_CACHE_ENTRIES = 16
 # CopyObject copies at most 5 GiB; larger objects are copied in parts (UploadPartCopy).
 MAX_SINGLE_COPY_BYTES = 5 * GIB
 COPY_PART_BYTES = 512 * MIB
@@ -196,6 +204,7 @@ class S3BlobStore:
         self.copy_part_bytes = copy_part_bytes
         self.stream_part_bytes = stream_part_bytes
         self._heads = ThreadPoolExecutor(PARALLEL_HEADS, thread_name_prefix="deltareg-s3-head")
+        self._verified_heads = _HeadCache(HEAD_CACHE_ENTRIES)
 
     @classmethod
     def from_settings(cls, url: str, settings: Settings) -> S3BlobStore:
@@ -255,6 +264,9 @@ class S3BlobStore:
     def read_range(self, digest: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
+        cached = self._verified_heads.get(digest, offset, length)
+        if cached is not None:
+            return cached
         range_header = f"bytes={offset}-{offset + length - 1}"
         try:
             with self._translated():
@@ -366,12 +378,13 @@ class S3BlobStore:
             # The blob's key already holds an object (an earlier or concurrent upload): ours is not needed.
             self._quietly("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=s3_upload_id)
             return self.verify_published(digest, max_bytes=max_bytes)
-        size, _etag, actual = self._hash_object(key, digest, max_bytes)
-        if actual != digest:
+        read = self._hash_object(key, digest, max_bytes)
+        if read.digest != digest:
             # Ours: nothing else can have been written to this key since our conditional completion.
             self._delete_key(key)
-            raise DigestMismatch(f"uploaded bytes hash to {actual}, not {digest}")
-        return size
+            raise DigestMismatch(f"uploaded bytes hash to {read.digest}, not {digest}")
+        self._verified_heads.put(digest, read)
+        return read.size
 
     def verify_published(self, digest: str, *, max_bytes: int) -> int:
         """The size of the object at the blob's key once it is known to hash to ``digest``.
@@ -382,13 +395,14 @@ class S3BlobStore:
         """
         key = self.blob_key(digest)
         try:
-            size, _etag, actual = self._hash_object(key, digest, max_bytes)
+            read = self._hash_object(key, digest, max_bytes)
         except ClientError as exc:
             if _code(exc) in NOT_FOUND:
                 raise MissingBlob(f"blob {digest} was not uploaded (or its upload expired)") from None
             raise
-        if actual == digest:
-            return size
+        if read.digest == digest:
+            self._verified_heads.put(digest, read)
+            return read.size
         head = self._call("head_object", Bucket=self.bucket, Key=key)
         if head["LastModified"] < datetime.now(UTC) - timedelta(seconds=2 * self.presign_seconds):
             self._delete_key(key)
@@ -445,8 +459,10 @@ class S3BlobStore:
         """
         for _ in range(VERIFY_ATTEMPTS):
             try:
-                size, etag = self._verify(key, digest, max_bytes)
+                size, etag, read = self._verify(key, digest, max_bytes)
                 self._copy(key, self.blob_key(digest), size, etag)
+                if read is not None:  # the copy was of exactly the version that was read
+                    self._verified_heads.put(digest, read)
             except ClientError as exc:
                 if _code(exc) in PRECONDITION_FAILED:
                     continue
@@ -457,8 +473,8 @@ class S3BlobStore:
             return size
         raise Conflict(f"the upload of blob {digest} kept changing while it was verified; upload it again")
 
-    def _verify(self, key: str, digest: str, max_bytes: int) -> tuple[int, str]:
-        """(size, ETag) of the staged object once it is known to hash to ``digest``.
+    def _verify(self, key: str, digest: str, max_bytes: int) -> tuple[int, str, _ReadBack | None]:
+        """(size, ETag, what was read or None) of the staged object once it is known to hash to ``digest``.
 
         Reads it back and hashes it (one GET); with ``trust_checksums`` a HEAD first, whose full-object
         SHA-256 checksum, when the store has one, makes the read unnecessary.
@@ -468,30 +484,28 @@ class S3BlobStore:
                 head = self._call("head_object", Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
                 self._check_size(key, digest, head["ContentLength"], max_bytes)
                 if head.get("ChecksumSHA256") == _base64_sha256(digest):
-                    return head["ContentLength"], head["ETag"]
-            size, etag, actual = self._hash_object(key, digest, max_bytes)
+                    return head["ContentLength"], head["ETag"], None
+            read = self._hash_object(key, digest, max_bytes)
         except ClientError as exc:
             if _code(exc) in NOT_FOUND:
                 self.check()
             raise
-        if actual != digest:
+        if read.digest != digest:
             self._delete_key(key)
-            raise DigestMismatch(f"uploaded bytes hash to {actual}, not {digest}")
-        return size, etag
+            raise DigestMismatch(f"uploaded bytes hash to {read.digest}, not {digest}")
+        return read.size, read.etag, read
 
-    def _hash_object(self, key: str, digest: str, max_bytes: int) -> tuple[int, str, str]:
-        """(size, ETag, digest) of the object, read once."""
-        hasher = hashlib.sha256()
+    def _hash_object(self, key: str, digest: str, max_bytes: int) -> _ReadBack:
+        """Size, ETag, digest and first bytes of the object, read once."""
         with self._translated():
             response = self._call("get_object", Bucket=self.bucket, Key=key)
             body = response["Body"]
             try:
                 self._check_size(key, digest, response["ContentLength"], max_bytes)
-                for chunk in body.iter_chunks(READ_CHUNK_BYTES):
-                    hasher.update(chunk)
+                actual, head = _hash_chunks(body.iter_chunks(READ_CHUNK_BYTES))
             finally:
                 body.close()
-        return response["ContentLength"], response["ETag"], "sha256:" + hasher.hexdigest()
+        return _ReadBack(response["ContentLength"], response["ETag"], actual, head)
 
     def _check_size(self, key: str, digest: str, size: int, max_bytes: int) -> None:
         if size > max_bytes:
@@ -590,6 +604,7 @@ class S3BlobStore:
     # ---- housekeeping
 
     def delete(self, digest: str) -> None:
+        self._verified_heads.discard(digest)
         self._delete_key(self.blob_key(digest))
 
     def clean_staging(self, older_than: datetime) -> int:
@@ -679,6 +694,80 @@ class S3BlobStore:
 
     def _bucket_missing(self) -> str:
         return f"object store unavailable: bucket {self.bucket!r} does not exist"
+
+
+@dataclass(frozen=True)
+class _ReadBack:
+    """An object as read back: its size, ETag, sha256 digest and first HEAD_CACHE_BYTES bytes."""
+
+    size: int
+    etag: str
+    digest: str
+    head: bytes
+
+
+def _hash_chunks(chunks: Iterable[bytes]) -> tuple[str, bytes]:
+    """(``sha256:<hex>``, the first HEAD_CACHE_BYTES bytes) of the chunks.
+
+    A thread hashes while this one reads the next chunks (hashlib releases the GIL on large buffers), so
+    the read-back of a large object costs about the longer of the two rather than their sum.
+    """
+    hasher = hashlib.sha256()
+    pending: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE_CHUNKS)
+
+    def hash_pending() -> None:
+        while (chunk := pending.get()) is not None:
+            hasher.update(chunk)
+
+    hashing = threading.Thread(target=hash_pending, name="deltareg-s3-hash", daemon=True)
+    hashing.start()
+    head = bytearray()
+    try:
+        for chunk in chunks:
+            if len(head) < HEAD_CACHE_BYTES:
+                head += chunk[: HEAD_CACHE_BYTES - len(head)]
+            pending.put(chunk)
+    finally:
+        pending.put(None)  # the hasher drains what is queued, then stops
+        hashing.join()
+    return "sha256:" + hasher.hexdigest(), bytes(head)
+
+
+class _HeadCache:
+    """The first bytes of recently verified blobs (least recently used dropped first), thread-safe.
+
+    Blobs are content-addressed, so the bytes read back and found to hash to a digest are that blob's
+    bytes for good: serving them again needs no new read. A deleted blob is dropped.
+    """
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._heads: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, digest: str, read: _ReadBack) -> None:
+        with self._lock:
+            self._heads[digest] = (read.size, read.head)
+            self._heads.move_to_end(digest)
+            while len(self._heads) > self.entries:
+                self._heads.popitem(last=False)
+
+    def get(self, digest: str, offset: int, length: int) -> bytes | None:
+        """The bytes ``[offset, offset + length)`` (cut at the blob's end), or None when not cached."""
+        with self._lock:
+            cached = self._heads.get(digest)
+            if cached is None:
+                return None
+            self._heads.move_to_end(digest)
+        size, head = cached
+        end = min(offset + length, size)
+        if end > len(head):
+            return None
+        return head[offset:end]
+
+    def discard(self, digest: str) -> None:
+        with self._lock:
+            self._heads.pop(digest, None)
 
 
 @dataclass

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from sqlalchemy import Select, func, select, update
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from deltareg.registry.models import Repo, Version, VersionFile
+from deltareg.registry.models import Repo, Version, VersionFile, utcnow
 
 # A version together with the total size of its files.
 SizedVersion = tuple[Version, int]
@@ -89,6 +91,39 @@ class VersionRepository:
         return self._one(
             self._sized().where(Version.repo_id == repo_id).order_by(Version.number.desc()).limit(1)
         )
+
+    def latest_not_yanked(self, repo_id: int) -> SizedVersion | None:
+        return self._one(
+            self._sized()
+            .where(Version.repo_id == repo_id, Version.yanked_at.is_(None))
+            .order_by(Version.number.desc())
+            .limit(1)
+        )
+
+    def lock_shared(self, version_id: int) -> Version:
+        """The version as committed now, share-locked until the transaction ends (PostgreSQL).
+
+        A move locks its target before checking that it is not yanked; a yank updates the row first. So
+        a yank and a move of an alias to the same version take turns: whichever comes second sees the
+        other (SQLite serializes writers anyway).
+        """
+        statement = (
+            select(Version)
+            .where(Version.id == version_id)
+            .with_for_update(read=True)
+            .execution_options(populate_existing=True)
+        )
+        return self.session.scalars(statement).one()
+
+    def mark_yanked(self, version_id: int, *, reason: str, actor: str) -> bool:
+        """Yank the version unless it already is; True if this call yanked it (the row stays locked)."""
+        statement = (
+            update(Version)
+            .where(Version.id == version_id, Version.yanked_at.is_(None))
+            .values(yanked_at=utcnow(), yank_reason=reason, yanked_by=actor)
+            .execution_options(synchronize_session=False)
+        )
+        return cast(CursorResult[Any], self.session.execute(statement)).rowcount == 1
 
     def newest_first(self, repo_id: int) -> list[SizedVersion]:
         statement = self._sized().where(Version.repo_id == repo_id).order_by(Version.number.desc())

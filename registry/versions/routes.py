@@ -14,6 +14,8 @@ from deltareg.registry.versions.schemas import (
     RepoList,
     VersionCreated,
     VersionOut,
+    YankRequest,
+    YankResult,
 )
 from deltareg.registry.versions.service import VersionService
 
@@ -28,6 +30,7 @@ VersionServiceDep = Annotated[VersionService, Depends(get_version_service)]
 CreateVersionBody = Annotated[
     CreateVersionRequest, Depends(json_body(CreateVersionRequest, lambda s: s.max_manifest_bytes))
 ]
+YankBody = Annotated[YankRequest, Depends(json_body(YankRequest, lambda s: s.max_json_bytes))]
 VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 
 
@@ -70,11 +73,46 @@ def show_repo(namespace: str, name: str, service: VersionServiceDep) -> RepoDeta
 
 @router.get("/repos/{namespace}/{name}/versions/{number}")
 def get_version(namespace: str, name: str, number: VersionNumber, service: VersionServiceDep) -> VersionOut:
-    """Get one version with its manifest."""
+    """Get one version with its manifest; a yanked one too (with ``yanked``: reason, who, when)."""
     return service.get_version(namespace, name, number)
 
 
 @router.get("/resolve")
-def resolve(ref: Annotated[str, Query(max_length=512)], service: VersionServiceDep) -> VersionOut:
-    """Resolve a reference (ns/name, ns/name:N, ns/name@sha256:..., ns/name@alias) to a version."""
-    return service.resolve_text(ref)
+def resolve(
+    ref: Annotated[str, Query(max_length=512)],
+    service: VersionServiceDep,
+    allow_yanked: Annotated[
+        bool, Query(description="resolve a yanked version too; only with ns/name:N or ns/name@sha256:...")
+    ] = False,
+) -> VersionOut:
+    """Resolve a reference (ns/name, ns/name:N, ns/name@sha256:..., ns/name@alias) to a version.
+
+    ``ns/name`` is the newest version that is not yanked. A yanked version named exactly is 410
+    ``version_yanked`` (the message gives the reason) unless ``allow_yanked=true``.
+    """
+    return service.resolve_text(ref, allow_yanked=allow_yanked)
+
+
+@router.post(
+    "/repos/{namespace}/{name}/versions/{number}/yank",
+    openapi_extra=openapi_body(YankRequest),
+    responses={409: {"description": "already yanked, or an alias points to it (pass rollback)"}},
+)
+def yank_version(
+    namespace: str,
+    name: str,
+    number: VersionNumber,
+    body: YankBody,
+    service: VersionServiceDep,
+    refusals: RefusalsDep,
+) -> YankResult:
+    """Yank a version: it stays readable here, but no alias may point to it and pulls refuse it.
+
+    If aliases point to it: 409 naming them, unless ``rollback`` is true, which rolls each back to its
+    previous holder that is not yanked (refusing the whole yank if one has none). Audited as ``yank``
+    (and ``alias.rollback`` for each alias moved).
+    """
+    refusals.watch(
+        "yank", f"{namespace}/{name}:{number}", repo=f"{namespace}/{name}", rollback=body.rollback
+    )
+    return service.yank(namespace, name, number, body, actor=refusals.actor)

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from deltareg.registry.evals.schemas import EvalIn, EvalOut
 
@@ -21,6 +21,35 @@ class YankOut(BaseModel):
     at: datetime
     reason: str
     by: str | None
+
+
+MAX_YANK_REASON_LENGTH = 1000
+
+
+class YankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)] = Field(
+        max_length=MAX_YANK_REASON_LENGTH, description="why the version is bad (shown to whoever pulls it)"
+    )
+    rollback: bool = Field(
+        default=False,
+        description="roll back every alias pointing to the version (else such a yank is 409)",
+    )
+
+
+class AliasRolledBack(BaseModel):
+    alias: str
+    previous: int = Field(description="the yanked version the alias pointed to")
+    version: int = Field(description="the version it points to now")
+
+
+class YankResult(BaseModel):
+    repo: str
+    number: int
+    digest: str
+    yanked: YankOut
+    rolled_back: list[AliasRolledBack] = Field(description="aliases moved off the version, by name")
 
 
 class VersionSummary(BaseModel):

@@ -7,10 +7,21 @@ import json
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from deltareg.client.errors import AliasNotFound, InvalidManifest, MissingBlob, RepoNotFound, VersionNotFound
+from deltareg.client.errors import (
+    AliasNotFound,
+    Conflict,
+    InvalidInput,
+    InvalidManifest,
+    MissingBlob,
+    RepoNotFound,
+    VersionNotFound,
+    VersionYanked,
+)
+from deltareg.client.lineage import check_recorded
 from deltareg.client.manifest import Manifest
 from deltareg.client.refs import Reference, RepoName, validate_name_part
 from deltareg.registry.aliases.repository import AliasRepository
+from deltareg.registry.aliases.service import AliasService
 from deltareg.registry.audit.repository import AuditRepository
 from deltareg.registry.blobs.repository import BlobRepository
 from deltareg.registry.evals.repository import EvalRepository
@@ -20,6 +31,7 @@ from deltareg.registry.storage import BlobStore
 from deltareg.registry.versions.contents import ContentChecker
 from deltareg.registry.versions.repository import RepoRepository, SizedVersion, VersionRepository
 from deltareg.registry.versions.schemas import (
+    AliasRolledBack,
     RepoDetail,
     RepoList,
     RepoSummary,
@@ -27,11 +39,14 @@ from deltareg.registry.versions.schemas import (
     VersionOut,
     VersionSummary,
     YankOut,
+    YankRequest,
+    YankResult,
 )
 
 
 class VersionService:
     def __init__(self, session: Session, store: BlobStore) -> None:
+        self.session = session
         self.repos = RepoRepository(session)
         self.versions = VersionRepository(session)
         self.evals = EvalRepository(session)
@@ -61,6 +76,7 @@ class VersionService:
         if existing is not None:
             return existing
         # Everything is checked before anything is written: a rejected push leaves no trace.
+        _check_training_metadata(manifest)
         self.contents.check(manifest)
         self._check_parent(manifest)
         repo = self.repos.get_or_create(repo_name.namespace, repo_name.name)
@@ -121,6 +137,74 @@ class VersionService:
         self.versions.add(version, files)
         return version
 
+    def yank(self, namespace: str, name: str, number: int, request: YankRequest, *, actor: str) -> YankResult:
+        """Mark version ``number`` bad with a reason; it stays readable, but no alias may point to it.
+
+        An alias pointing to it makes the yank 409 unless ``request.rollback``: then each such alias rolls
+        back to its previous holder that is not yanked (a ``rollback`` move and an ``alias.rollback``
+        audit entry each), and if one has none the whole yank is refused. Audited as ``yank``.
+
+        Raises:
+            Conflict: already yanked (the message gives the earlier reason); held by an alias without
+                ``rollback``; an alias with no previous holder to roll back to.
+        """
+        repo = self._require_repo(RepoName.parse(f"{namespace}/{name}"))
+        found = self.versions.by_number(repo.id, number)
+        if found is None:
+            raise VersionNotFound(f"{repo.full_name} has no version {number}")
+        version = found[0]
+        # The UPDATE locks the row first: a move to this version waits for the yank, or is seen below.
+        if not self.versions.mark_yanked(version.id, reason=request.reason, actor=actor):
+            raise _already_yanked(repo, self.versions.lock_shared(version.id))
+        version = self.versions.lock_shared(version.id)
+        holders = self.aliases.pointing_to(repo.id, version.id)
+        if holders and not request.rollback:
+            names = ", ".join(holders)
+            raise Conflict(
+                f"cannot yank {repo.full_name}:{number}: alias{'es' if len(holders) > 1 else ''} {names} "
+                f"point{'' if len(holders) > 1 else 's'} to it and an alias cannot point to a yanked "
+                "version; pass rollback=true (--rollback) to roll each back to its previous holder that "
+                "is not yanked, or move them first; nothing changed"
+            )
+        alias_service = AliasService(self.session)
+        reason = f"yank of version {number}: {request.reason}"
+        try:
+            done = [
+                alias_service.roll_back(repo, alias, version, to=None, reason=reason, actor=actor)
+                for alias in holders
+            ]
+        except Conflict as exc:
+            raise Conflict(f"cannot yank {repo.full_name}:{number}: {exc.message}") from None
+        # Audited last, once every move is made (the audit lock is held until commit).
+        for rolled in done:
+            alias_service.audit_rollback(repo, rolled, actor=actor, yanked=number)
+        yanked = yank_out(version)
+        assert yanked is not None
+        self.audit.append(
+            actor=actor,
+            action="yank",
+            target=f"{repo.full_name}:{number}",
+            repo=repo.full_name,
+            details={
+                "version": number,
+                "digest": version.digest,
+                "reason": request.reason,
+                "rolled_back": [
+                    {"alias": r.alias, "from": r.source.number, "to": r.target.number} for r in done
+                ],
+            },
+        )
+        return YankResult(
+            repo=repo.full_name,
+            number=number,
+            digest=version.digest,
+            yanked=yanked,
+            rolled_back=[
+                AliasRolledBack(alias=r.alias, previous=r.source.number, version=r.target.number)
+                for r in done
+            ],
+        )
+
     # ---- reads
 
     def list_repos(self, namespace: str | None) -> RepoList:
@@ -142,15 +226,24 @@ class VersionService:
         return RepoDetail(name=repo.full_name, created_at=repo.created_at, versions=versions)
 
     def get_version(self, namespace: str, name: str, number: int) -> VersionOut:
-        """Version ``number`` of ``namespace/name``."""
-        return self.resolve(Reference(RepoName.parse(f"{namespace}/{name}"), version=number))
+        """Version ``number`` of ``namespace/name``, yanked or not (it stays readable for audit)."""
+        ref = Reference(RepoName.parse(f"{namespace}/{name}"), version=number)
+        return self.resolve(ref, allow_yanked=True)
 
-    def resolve_text(self, text: str) -> VersionOut:
+    def resolve_text(self, text: str, *, allow_yanked: bool = False) -> VersionOut:
         """The version a reference text (``ns/name``, ``:N``, ``@sha256:...``, ``@alias``) names."""
-        return self.resolve(Reference.parse(text))
+        return self.resolve(Reference.parse(text), allow_yanked=allow_yanked)
 
-    def resolve(self, ref: Reference) -> VersionOut:
-        """The version a reference names (newest, by number, by manifest digest)."""
+    def resolve(self, ref: Reference, *, allow_yanked: bool = False) -> VersionOut:
+        """The version a reference names (newest not yanked, by number, by manifest digest, by alias).
+
+        ``allow_yanked`` matters only for a version named exactly (``:N``, ``@sha256:...``): an alias never
+        points to a yanked version, and ``ns/name`` is the newest version that is not yanked, always.
+
+        Raises:
+            VersionYanked: a version named exactly is yanked and ``allow_yanked`` is false; or every
+                version of the repo is yanked (``ns/name``).
+        """
         repo = self._require_repo(ref.repo)
         if ref.alias is not None:
             holder = self.aliases.get(repo.id, ref.alias)
@@ -165,11 +258,26 @@ class VersionService:
             found = self.versions.by_digest(repo.id, ref.digest)
             missing = f"{ref.repo} has no version with manifest digest {ref.digest}"
         else:
-            found = self.versions.latest(repo.id)
-            missing = f"{ref.repo} has no versions yet"
+            found, missing = self._newest_not_yanked(repo), ""
         if found is None:
             raise VersionNotFound(missing)
+        if found[0].yanked_at is not None and not allow_yanked:
+            raise _yanked(repo, found[0], "pass allow_yanked=true / --allow-yanked to pull it anyway")
         return self._full(repo, found)
+
+    def _newest_not_yanked(self, repo: Repo) -> SizedVersion:
+        found = self.versions.latest_not_yanked(repo.id)
+        if found is not None:
+            return found
+        newest = self.versions.latest(repo.id)
+        if newest is None:
+            raise VersionNotFound(f"{repo.full_name} has no versions yet")
+        raise _yanked(
+            repo,
+            newest[0],
+            f"every version of {repo.full_name} is yanked; name one exactly with "
+            "allow_yanked=true / --allow-yanked to pull it anyway",
+        )
 
     def _full(self, repo: Repo, sized: SizedVersion) -> VersionOut:
         version = sized[0]
@@ -186,6 +294,14 @@ class VersionService:
         if repo is None:
             raise RepoNotFound(f"repository {repo_name} does not exist")
         return repo
+
+
+def _check_training_metadata(manifest: Manifest) -> None:
+    """The well-known training metadata keys (datasets, code_commit, hyperparameters), well formed."""
+    try:
+        check_recorded(manifest.metadata)
+    except InvalidInput as exc:
+        raise InvalidManifest(f"manifest metadata: {exc.message}") from None
 
 
 def _missing_blob_or(exc: IntegrityError) -> Exception:
@@ -215,6 +331,23 @@ def _summary(repo: Repo, sized: SizedVersion) -> VersionSummary:
         size=size,
         pushed_by=version.pushed_by,
         yanked=yank_out(version),
+    )
+
+
+def _yanked(repo: Repo, version: Version, hint: str) -> VersionYanked:
+    by = f" by {version.yanked_by}" if version.yanked_by else ""
+    at = version.yanked_at.isoformat(timespec="seconds") if version.yanked_at else "?"
+    return VersionYanked(
+        f"{repo.full_name}:{version.number} was yanked{by} at {at}: {version.yank_reason}; {hint}"
+    )
+
+
+def _already_yanked(repo: Repo, version: Version) -> Conflict:
+    by = f" by {version.yanked_by}" if version.yanked_by else ""
+    at = version.yanked_at.isoformat(timespec="seconds") if version.yanked_at else "?"
+    return Conflict(
+        f"{repo.full_name}:{version.number} was already yanked{by} at {at}: {version.yank_reason}; "
+        "nothing changed"
     )
 
 

@@ -19,6 +19,7 @@ DELTAREG = str(Path(sys.executable).with_name("deltareg"))
 class Server:
     url: str
     data_dir: Path
+    database_url: str | None = None  # None: the embedded default's SQLite file in data_dir
 
     def blob_files(self) -> list[Path]:
         return sorted(p for p in (self.data_dir / "blobs").rglob("*") if p.is_file() and "tmp" not in p.parts)
@@ -26,18 +27,42 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A registry on the embedded default (SQLite + blob folder), one per test module."""
+    yield from _serve(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def db_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A registry on SQLite, then on PostgreSQL (a database of the module's own; blobs in a folder).
+
+    For CLI tests of rules the database enforces: every test of a module using it runs on both.
+    """
     data_dir = tmp_path_factory.mktemp("registry")
+    if request.param == "sqlite":
+        yield from _serve(data_dir)
+        return
+    postgres = request.getfixturevalue("postgres_server")
+    database_url = postgres.create_database(migrated=True)
+    try:
+        yield from _serve(data_dir, database_url)
+    finally:
+        postgres.drop_database(database_url)
+
+
+def _serve(data_dir: Path, database_url: str | None = None) -> Iterator[Server]:
+    env = {} if database_url is None else {"DELTAREG_DATABASE_URL": database_url}
     port = free_port()
     log = (data_dir.parent / f"server-{port}.log").open("wb")
     proc = subprocess.Popen(
         [DELTAREG, "serve", "--port", str(port), "--data-dir", str(data_dir)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
     )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, data_dir.parent / f"server-{port}.log")
-        yield Server(url=url, data_dir=data_dir)
+        yield Server(url=url, data_dir=data_dir, database_url=database_url)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
@@ -59,12 +84,34 @@ class Cli:
             check=False,
         )
 
+    def as_actor(self, actor: str) -> Cli:
+        """The same CLI acting as ``actor`` (DELTAREG_ACTOR), with the same cache."""
+        return Cli(env={**self.env, "DELTAREG_ACTOR": actor}, cache_dir=self.cache_dir)
+
 
 @pytest.fixture
 def cli(server: Server, tmp_path: Path) -> Cli:
     """The real CLI, pointed at the module's server, with a cache of its own."""
+    return _cli_for(server, tmp_path)
+
+
+@pytest.fixture
+def db_cli(db_server: Server, tmp_path: Path) -> Cli:
+    """The real CLI, pointed at ``db_server`` (SQLite, then PostgreSQL), acting as ``alice``.
+
+    Act as someone else with ``db_cli.as_actor("bob")``.
+    """
+    return _cli_for(db_server, tmp_path)
+
+
+def _cli_for(server: Server, tmp_path: Path) -> Cli:
     cache = tmp_path / "cache"
-    env = {**os.environ, "DELTAREG_URL": server.url, "DELTAREG_CACHE_DIR": str(cache)}
+    env = {
+        **os.environ,
+        "DELTAREG_URL": server.url,
+        "DELTAREG_CACHE_DIR": str(cache),
+        "DELTAREG_ACTOR": "alice",
+    }
     env.pop("DELTAREG_DEBUG", None)
     return Cli(env=env, cache_dir=cache)
 

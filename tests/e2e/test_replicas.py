@@ -97,6 +97,15 @@ def test_concurrent_pushes_across_replicas_number_versions_without_gaps(replicas
             pulled = registry.pull(f"{REPO}:{number}")
             original = (adapters[i] / "adapter_model.safetensors").read_bytes()
             assert (pulled.path / "adapter_model.safetensors").read_bytes() == original
+    _audit_chain_holds(replicas[0].url, {f"{REPO}:{n}" for n in range(1, PUSHES + 1)}, "push")
+
+
+def _audit_chain_holds(url: str, targets: set[str], action: str) -> None:
+    """Writes racing on two replicas still append one unbroken chain, one entry per write."""
+    verified = httpx.get(f"{url}/api/v1/audit/verify", timeout=60).json()
+    assert verified["ok"], verified
+    log = httpx.get(f"{url}/api/v1/audit", params={"repo": REPO, "limit": 1000}, timeout=60).json()
+    assert sorted(e["target"] for e in log["entries"] if e["action"] == action) == sorted(targets)
 
 
 def _move(url: str, alias: str, version: int, expected: int | None) -> httpx.Response:
@@ -149,6 +158,14 @@ def test_concurrent_alias_moves_have_exactly_one_winner_per_expected_value(repli
         assert _holder(replicas[0].url, "production") == _holder(replicas[1].url, "production") == holder
 
     assert _moves_recorded(replicas[0].backend) == history
+    verified = httpx.get(f"{replicas[1].url}/api/v1/audit/verify", timeout=60).json()
+    assert verified["ok"], verified
+    log = httpx.get(f"{replicas[1].url}/api/v1/audit", params={"limit": 1000}, timeout=60).json()["entries"]
+    moves = [
+        (e["details"]["from"], e["details"]["to"]) for e in reversed(log) if e["action"] == "alias.promote"
+    ]
+    assert moves == history  # the log agrees with the alias history, move for move
+    assert sum(e["action"] == "alias.promote.refused" for e in log) == 7 + 5 * 6  # every loser, recorded
     _cli_promotes_never_overwrite(replicas, tmp_path)
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from deltareg.client.errors import MissingBlob
 from deltareg.registry.config import MIB
+from deltareg.registry.storage import s3 as s3_store
 from deltareg.registry.storage.s3 import S3BlobStore, S3Location, _part_size, make_s3_client
 
 pytestmark = pytest.mark.backends("s3")
@@ -140,6 +143,13 @@ def multipart_registry(make_registry):
         yield registry
 
 
+def object_bytes(registry, digest: str) -> bytes:
+    """The object at the blob's key, read from the bucket directly (not through the store's methods)."""
+    store = registry.client.app.state.store
+    body: bytes = store.client.get_object(Bucket=store.bucket, Key=store.blob_key(digest))["Body"].read()
+    return body
+
+
 def big_blob(seed: int = 0) -> bytes:
     return hashlib.sha256(bytes([seed])).digest() * ((5 * MIB + 4096) // 32)  # 2 parts, not 5 MiB aligned
 
@@ -163,6 +173,7 @@ def test_a_large_blob_uploads_in_presigned_parts(multipart_registry):
     assert response.status_code == 200, response.text
     assert response.json() == {"digest": target["digest"], "size": len(data), "created": True}
     assert registry.read_stored(target["digest"]) == data
+    assert object_bytes(registry, target["digest"]) == data
     assert registry.stored_names() == [f"blobs/sha256/{target['digest'][7:9]}/{target['digest'][7:]}"]
 
 
@@ -338,3 +349,66 @@ def test_a_stale_unverified_object_is_removed_so_the_blob_can_be_uploaded_again(
         (again,) = registry.plan([data])
         assert registry.complete(again["digest"], registry.send(again, data)).json()["created"] is True
         assert registry.read_stored(again["digest"]) == data
+
+
+def test_the_start_of_a_verified_blob_is_served_from_what_the_read_back_saw(multipart_registry):
+    # The version commit reads each safetensors header right after the upload's complete: the first bytes
+    # of the read-back are kept, so that needs no second GET. Replacing the object behind the store's back
+    # shows where each answer comes from: the verified start, and the store past it.
+    registry = multipart_registry
+    store = registry.client.app.state.store
+    data = big_blob()
+    (target,) = registry.plan([data])
+    digest = target["digest"]
+    assert registry.complete(digest, registry.send(target, data)).status_code == 200
+    other = big_blob(seed=1)
+    store.client.put_object(Bucket=store.bucket, Key=store.blob_key(digest), Body=other)
+
+    head = s3_store.HEAD_CACHE_BYTES
+    assert store.read_range(digest, 0, 64 * 1024) == data[: 64 * 1024]
+    assert store.read_range(digest, head - 10, 10) == data[head - 10 : head]
+    assert store.read_range(digest, head - 10, 20) == other[head - 10 : head + 10]  # past the kept start
+    assert store.read_range(digest, 2 * MIB, 100) == other[2 * MIB : 2 * MIB + 100]
+
+    store.delete(digest)  # garbage collection: nothing kept is served any more
+    with pytest.raises(MissingBlob):
+        store.read_range(digest, 0, 100)
+
+
+def test_a_small_verified_blob_is_kept_whole_and_ranges_past_its_end_are_empty(registry):
+    data = b"adapter_config" * 100
+    digest = registry.upload(data)["digest"]
+    store = registry.client.app.state.store
+    store.client.delete_object(Bucket=store.bucket, Key=store.blob_key(digest))  # behind the store's back
+    assert store.read_range(digest, 0, len(data)) == data
+    assert store.read_range(digest, 10, 10 * len(data)) == data[10:]
+    assert store.read_range(digest, len(data), 10) == b""
+
+
+def test_bytes_refused_at_complete_are_not_kept(multipart_registry):
+    registry = multipart_registry
+    store = registry.client.app.state.store
+    (target,) = registry.plan([big_blob()])
+    response = registry.complete(target["digest"], registry.send(target, big_blob(seed=1)))
+    assert response.json()["error"] == "digest_mismatch"
+    with pytest.raises(MissingBlob):
+        store.read_range(target["digest"], 0, 100)
+
+
+@pytest.mark.parametrize("sizes", [[], [1], [7, 0, 3 * MIB, 5], [MIB] * 20, [s3_store.HEAD_CACHE_BYTES + 1]])
+def test_the_read_back_hash_and_start_match_the_bytes_read(sizes):
+    chunks = [os.urandom(size) for size in sizes]
+    whole = b"".join(chunks)
+    digest, head = s3_store._hash_chunks(iter(chunks))
+    assert digest == "sha256:" + hashlib.sha256(whole).hexdigest()
+    assert head == whole[: s3_store.HEAD_CACHE_BYTES]
+
+
+def test_a_read_back_that_fails_midway_raises_and_leaves_no_hashing_thread():
+    def failing():
+        yield from [os.urandom(MIB)] * (s3_store.HASH_QUEUE_CHUNKS * 3)
+        raise ConnectionError("the store hung up")
+
+    with pytest.raises(ConnectionError, match="hung up"):
+        s3_store._hash_chunks(failing())
+    assert not [t for t in threading.enumerate() if t.name == "deltareg-s3-hash"]
