@@ -9,6 +9,7 @@ Needs the ``torch`` and ``dev`` extras (transformers, peft). Run: ``python -m de
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from typing import Any
 import httpx
 
 VOCAB, SEQ, SHIFT = 64, 16, 3
+
+
+PUSHER, REVIEWER = "alice", "bob"
 
 
 def step(number: int, text: str) -> None:
@@ -140,13 +144,14 @@ def train_lora(base: Any, steps: int = 120) -> tuple[Any, float, float]:
     return model, before, accuracy(model, held_out)
 
 
-def cli(*args: str, env: dict[str, str]) -> str:
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("deltareg")
     done = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, check=False)
     shown = done.stdout.strip() or done.stderr.strip()
-    print("  $ deltareg " + " ".join(args) + f"   (exit {done.returncode})")
+    who = f"DELTAREG_ACTOR={env['DELTAREG_ACTOR']} " if env.get("DELTAREG_ACTOR") != PUSHER else ""
+    print(f"  $ {who}deltareg {shlex.join(args)}   (exit {done.returncode})")
     print("\n".join("    " + line for line in shown.splitlines()))
-    return done.stdout
+    return done
 
 
 def quiet_libraries() -> None:
@@ -171,8 +176,9 @@ def main() -> int:
 
     ok = True
     work = Path(tempfile.mkdtemp(prefix="deltareg-demo-"))
-    env = {**os.environ, "DELTAREG_CACHE_DIR": str(work / "cache")}
+    env = {**os.environ, "DELTAREG_CACHE_DIR": str(work / "cache"), "DELTAREG_ACTOR": PUSHER}
     os.environ["DELTAREG_CACHE_DIR"] = env["DELTAREG_CACHE_DIR"]
+    os.environ["DELTAREG_ACTOR"] = PUSHER  # who the registry records for this demo's writes
     print(f"deltareg demo in {work}")
     step(1, "start a registry on the embedded default (SQLite + blob folder)")
     with running_server(work / "registry") as url:
@@ -210,7 +216,7 @@ def main() -> int:
         cli("show", "demo/shift-bot:1", env=env)
 
         step(5, "pull (download + verify every digest), verify, and apply file to file")
-        pulled_path = cli("pull", "demo/shift-bot:1", env=env).strip()
+        pulled_path = cli("pull", "demo/shift-bot:1", env=env).stdout.strip()
         cli("verify", "demo/shift-bot:1", "--base", str(work / "base"), env=env)
         cli("apply", "demo/shift-bot:1", "--base", str(work / "base"), "-o", str(work / "merged"), env=env)
 
@@ -254,9 +260,29 @@ def main() -> int:
                 print(f"  in memory too: {type(exc).__name__}; model untouched: {untouched}")
                 ok = ok and untouched
         print(f"  output folder created: {(work / 'wrong').exists()}")
-    ok = ok and not (work / "wrong").exists()
+        ok = ok and not (work / "wrong").exists()
+
+        step(8, "promote to production under a policy: a score threshold and a second person's approval")
+        ok = promote_under_policy(env) and ok
     print(f"\ndemo {'succeeded' if ok else 'FAILED'}; files kept in {work}")
     return 0 if ok else 1
+
+
+def promote_under_policy(env: dict[str, str]) -> bool:
+    """Set a policy, see a promotion refused with its failed rule, approve as someone else, promote,
+    and check the audit log's hash chain. True when each step answered as expected."""
+    repo, ref = "demo/shift-bot", "demo/shift-bot:1"
+    reviewer = {**env, "DELTAREG_ACTOR": REVIEWER}
+    policy = cli(
+        "policy", "set", repo, "--alias", "production", "--min", "accuracy=0.9", "--approvals", "1", env=env
+    )
+    refused = cli("promote", ref, "--alias", "production", "--reason", "first release", env=env)
+    approved = cli("approve", ref, "--alias", "production", env=reviewer)
+    promoted = cli("promote", ref, "--alias", "production", "--reason", "first release", env=env)
+    cli("audit", repo, env=env)
+    verified = cli("audit", "verify", env=env)
+    codes = [c.returncode for c in (policy, refused, approved, promoted, verified)]
+    return codes == [0, 1, 0, 0, 0] and "0 of 1 approvals" in refused.stderr
 
 
 if __name__ == "__main__":

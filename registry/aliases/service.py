@@ -12,11 +12,9 @@ from deltareg.client.errors import (
     AliasNotFound,
     Conflict,
     InvalidInput,
-    RepoNotFound,
-    VersionNotFound,
     VersionYanked,
 )
-from deltareg.client.refs import RepoName, validate_alias
+from deltareg.client.refs import validate_alias
 from deltareg.registry.aliases.repository import AliasRepository, AliasTarget
 from deltareg.registry.aliases.schemas import (
     AliasList,
@@ -67,8 +65,8 @@ class AliasService:
             RepoNotFound, VersionNotFound: the repo or the target version does not exist.
         """
         validate_alias(alias)
-        repo = self._require_repo(namespace, name)
-        target = self._require_version(repo, request.version)
+        repo = self.repos.require(namespace, name)
+        target = self.versions.require_number(repo, request.version)
         if request.expected == request.version:
             return self._unchanged(repo, alias, target)
         # A stale expectation is answered as such before the policy is judged (the swap re-checks it).
@@ -129,7 +127,7 @@ class AliasService:
             VersionYanked: ``to`` was yanked.
         """
         validate_alias(alias)
-        repo = self._require_repo(namespace, name)
+        repo = self.repos.require(namespace, name)
         _alias, holder = self._require_alias(repo, alias)
         if request.expected is not None and holder.number != request.expected:
             raise self._conflict(repo, alias, request.expected)
@@ -201,7 +199,7 @@ class AliasService:
     def _former_holder(
         self, repo: Repo, alias: str, holder: Version, history: list[AliasMove], number: int
     ) -> Version:
-        target = self._require_version(repo, number)
+        target = self.versions.require_number(repo, number)
         if target.id == holder.id:
             raise Conflict(f"alias {alias} of {repo.full_name} already points to {number}; nothing changed")
         if target.id not in {move.to_version_id for move in history}:
@@ -248,27 +246,14 @@ class AliasService:
 
     def list(self, namespace: str, name: str) -> AliasList:
         """Every alias of the repo with the version it points to, by name."""
-        repo = self._require_repo(namespace, name)
+        repo = self.repos.require(namespace, name)
         return AliasList(repo=repo.full_name, aliases=[_out(repo, row) for row in self.aliases.list(repo.id)])
 
     def get(self, namespace: str, name: str, alias: str) -> AliasOut:
         """One alias and the version it points to."""
         validate_alias(alias)
-        repo = self._require_repo(namespace, name)
+        repo = self.repos.require(namespace, name)
         return _out(repo, self._require_alias(repo, alias))
-
-    def _require_repo(self, namespace: str, name: str) -> Repo:
-        repo_name = RepoName.parse(f"{namespace}/{name}")
-        repo = self.repos.get(repo_name.namespace, repo_name.name)
-        if repo is None:
-            raise RepoNotFound(f"repository {repo_name} does not exist")
-        return repo
-
-    def _require_version(self, repo: Repo, number: int) -> Version:
-        found = self.versions.by_number(repo.id, number)
-        if found is None:
-            raise VersionNotFound(f"{repo.full_name} has no version {number}")
-        return found[0]
 
     def _require_alias(self, repo: Repo, alias: str) -> AliasTarget:
         found = self.aliases.get(repo.id, alias)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from deltareg.client.errors import RepoNotFound, VersionNotFound
-from deltareg.client.refs import RepoName
 from deltareg.registry.audit.repository import AuditRepository
 from deltareg.registry.evals.repository import EvalRepository
 from deltareg.registry.evals.schemas import EvalIn, EvalsRecorded, eval_out
@@ -27,14 +25,8 @@ class EvalService:
         Scores only accumulate: a new score of a metric is the newest, earlier ones stay as history.
         A yanked version takes scores too (it stays readable for audit).
         """
-        repo_name = RepoName.parse(f"{namespace}/{name}")
-        repo = self.repos.get(repo_name.namespace, repo_name.name)
-        if repo is None:
-            raise RepoNotFound(f"repository {repo_name} does not exist")
-        found = self.versions.by_number(repo.id, number)
-        if found is None:
-            raise VersionNotFound(f"{repo_name} has no version {number}")
-        version = found[0]
+        repo = self.repos.require(namespace, name)
+        version = self.versions.require_number(repo, number)
         recorded = [eval_out(row) for row in self.evals.add(version.id, evals, actor=actor)]
         self.audit.append(
             actor=actor,

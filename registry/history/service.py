@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
-from deltareg.client.errors import AliasNotFound, InvalidInput, RepoNotFound
-from deltareg.client.refs import RepoName, validate_alias
+from deltareg.client.errors import AliasNotFound, InvalidInput
+from deltareg.client.refs import validate_alias
 from deltareg.registry.history.repository import HistoryRepository, MoveRow
 from deltareg.registry.history.schemas import AliasAt, AliasHistory, AliasMoveOut
 from deltareg.registry.models import Repo
@@ -39,11 +39,7 @@ class HistoryService:
 
     def _require_repo(self, namespace: str, name: str, alias: str) -> Repo:
         validate_alias(alias)
-        repo_name = RepoName.parse(f"{namespace}/{name}")
-        repo = self.repos.get(repo_name.namespace, repo_name.name)
-        if repo is None:
-            raise RepoNotFound(f"repository {repo_name} does not exist")
-        return repo
+        return self.repos.require(namespace, name)
 
 
 def _move_out(row: MoveRow) -> AliasMoveOut:

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from deltareg.client.errors import AliasNotFound, RepoNotFound, VersionNotFound
+from deltareg.client.errors import AliasNotFound, VersionNotFound
 from deltareg.client.refs import Reference
 from deltareg.registry.aliases.repository import AliasRepository
 from deltareg.registry.lineage.repository import LineageRepository, LineageRow
@@ -77,9 +77,7 @@ class LineageService:
         )
 
     def _resolve(self, ref: Reference) -> LineageRow:
-        repo = self.repos.get(ref.repo.namespace, ref.repo.name)
-        if repo is None:
-            raise RepoNotFound(f"repository {ref.repo} does not exist")
+        repo = self.repos.require(ref.repo.namespace, ref.repo.name)
         if ref.alias is not None:
             holder = self.aliases.get(repo.id, ref.alias)
             if holder is None:
@@ -89,10 +87,10 @@ class LineageService:
             found = self.versions.by_number(repo.id, ref.version)
         elif ref.digest is not None:
             found = self.versions.by_digest(repo.id, ref.digest)
-        else:
-            found = self.versions.latest(repo.id)
+        else:  # ``ns/name`` means the newest version that is not yanked, as everywhere else
+            found = self.versions.latest_not_yanked(repo.id)
         if found is None:
-            raise VersionNotFound(f"{ref} names no version")
+            raise VersionNotFound(f"{ref} names no version (that is not yanked)")
         return found[0], repo, found[1]
 
     def _ancestors(self, root: LineageRow) -> tuple[list[LineageRow], bool]:

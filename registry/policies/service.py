@@ -15,11 +15,9 @@ from deltareg.client.errors import (
     NotFound,
     PermissionDenied,
     PolicyViolation,
-    RepoNotFound,
-    VersionNotFound,
     VersionYanked,
 )
-from deltareg.client.refs import RepoName, validate_alias
+from deltareg.client.refs import validate_alias
 from deltareg.registry.audit.actor import ACTOR_HEADER, ANONYMOUS
 from deltareg.registry.audit.repository import AuditRepository
 from deltareg.registry.evals.repository import EvalRepository
@@ -52,7 +50,7 @@ class PolicyService:
     def set(self, namespace: str, name: str, alias: str, policy: Policy, *, actor: str) -> PolicyOut:
         """Create or replace the policy of ``alias``; audited as ``policy.set`` with old and new policy."""
         validate_alias(alias)
-        repo = self._require_repo(namespace, name)
+        repo = self.repos.require(namespace, name)
         self.repos.lock(repo.id)  # policy writes of one repo in turn, so "old" is the one replaced
         old = _policy_json(self.policies.get(repo.id, alias))  # read before the row is overwritten
         row = self.policies.put(repo.id, alias, policy.model_dump_json(), actor=actor)
@@ -67,11 +65,11 @@ class PolicyService:
 
     def get(self, namespace: str, name: str, alias: str) -> PolicyOut:
         validate_alias(alias)
-        repo = self._require_repo(namespace, name)
+        repo = self.repos.require(namespace, name)
         return _out(repo, self._require_policy(repo, alias))
 
     def list(self, namespace: str, name: str) -> PolicyList:
-        repo = self._require_repo(namespace, name)
+        repo = self.repos.require(namespace, name)
         return PolicyList(
             repo=repo.full_name, policies=[_out(repo, row) for row in self.policies.list(repo.id)]
         )
@@ -79,7 +77,7 @@ class PolicyService:
     def delete(self, namespace: str, name: str, alias: str, *, actor: str) -> PolicyOut:
         """Remove the policy of ``alias`` (404 if it has none); audited as ``policy.delete``. Returns it."""
         validate_alias(alias)
-        repo = self._require_repo(namespace, name)
+        repo = self.repos.require(namespace, name)
         self.repos.lock(repo.id)
         row = self._require_policy(repo, alias)
         removed = _out(repo, row)
@@ -107,8 +105,8 @@ class PolicyService:
             PermissionDenied: the actor is anonymous or pushed the version.
             VersionYanked: the version was yanked (it can never be promoted).
         """
-        repo = self._require_repo(namespace, name)
-        version = self._require_version(repo, number)
+        repo = self.repos.require(namespace, name)
+        version = self.versions.require_number(repo, number)
         if actor == ANONYMOUS:
             raise PermissionDenied(
                 f"an approval needs a named approver: set DELTAREG_ACTOR (the {ACTOR_HEADER} header)"
@@ -138,8 +136,8 @@ class PolicyService:
     ) -> ApprovalList:
         if alias is not None:
             validate_alias(alias)
-        repo = self._require_repo(namespace, name)
-        version = self._require_version(repo, number)
+        repo = self.repos.require(namespace, name)
+        version = self.versions.require_number(repo, number)
         rows = self.approvals.for_version(version.id, alias)
         return ApprovalList(
             repo=repo.full_name, version=number, approvals=[_approval(repo, version, a) for a in rows]
@@ -174,19 +172,6 @@ class PolicyService:
         return Candidate(number=version.number, pushed_by=version.pushed_by, metrics=metrics)
 
     # ---- lookups
-
-    def _require_repo(self, namespace: str, name: str) -> Repo:
-        repo_name = RepoName.parse(f"{namespace}/{name}")
-        repo = self.repos.get(repo_name.namespace, repo_name.name)
-        if repo is None:
-            raise RepoNotFound(f"repository {repo_name} does not exist")
-        return repo
-
-    def _require_version(self, repo: Repo, number: int) -> Version:
-        found = self.versions.by_number(repo.id, number)
-        if found is None:
-            raise VersionNotFound(f"{repo.full_name} has no version {number}")
-        return found[0]
 
     def _require_policy(self, repo: Repo, alias: str) -> AliasPolicy:
         row = self.policies.get(repo.id, alias)

@@ -6,6 +6,8 @@ from sqlalchemy import CursorResult, Select, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from deltareg.client.errors import RepoNotFound, VersionNotFound
+from deltareg.client.refs import RepoName
 from deltareg.registry.models import Repo, Version, VersionFile, utcnow
 
 # A version together with the total size of its files.
@@ -25,6 +27,19 @@ class RepoRepository:
 
     def get(self, namespace: str, name: str) -> Repo | None:
         return self.session.scalar(select(Repo).where(Repo.namespace == namespace, Repo.name == name))
+
+    def require(self, namespace: str, name: str) -> Repo:
+        """The repo ``namespace/name`` (validated here: the parts come from the URL path).
+
+        Raises:
+            InvalidName: a part is not a valid name.
+            RepoNotFound: no such repo.
+        """
+        repo_name = RepoName.parse(f"{namespace}/{name}")
+        repo = self.get(repo_name.namespace, repo_name.name)
+        if repo is None:
+            raise RepoNotFound(f"repository {repo_name} does not exist")
+        return repo
 
     def get_or_create(self, namespace: str, name: str) -> Repo:
         """The repo, created on first push; two first pushes racing both end up with the same row."""
@@ -83,6 +98,13 @@ class VersionRepository:
 
     def by_number(self, repo_id: int, number: int) -> SizedVersion | None:
         return self._one(self._sized().where(Version.repo_id == repo_id, Version.number == number))
+
+    def require_number(self, repo: Repo, number: int) -> Version:
+        """Version ``number`` of ``repo``; VersionNotFound naming both when there is none."""
+        found = self.by_number(repo.id, number)
+        if found is None:
+            raise VersionNotFound(f"{repo.full_name} has no version {number}")
+        return found[0]
 
     def by_digest(self, repo_id: int, digest: str) -> SizedVersion | None:
         return self._one(self._sized().where(Version.repo_id == repo_id, Version.digest == digest))

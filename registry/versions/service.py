@@ -13,7 +13,6 @@ from deltareg.client.errors import (
     InvalidInput,
     InvalidManifest,
     MissingBlob,
-    RepoNotFound,
     VersionNotFound,
     VersionYanked,
 )
@@ -148,7 +147,7 @@ class VersionService:
             Conflict: already yanked (the message gives the earlier reason); held by an alias without
                 ``rollback``; an alias with no previous holder to roll back to.
         """
-        repo = self._require_repo(RepoName.parse(f"{namespace}/{name}"))
+        repo = self.repos.require(namespace, name)
         found = self.versions.by_number(repo.id, number)
         if found is None:
             raise VersionNotFound(f"{repo.full_name} has no version {number}")
@@ -221,7 +220,7 @@ class VersionService:
 
     def show_repo(self, namespace: str, name: str) -> RepoDetail:
         """A repo and its versions, newest first."""
-        repo = self._require_repo(RepoName.parse(f"{namespace}/{name}"))
+        repo = self.repos.require(namespace, name)
         versions = [_summary(repo, sized) for sized in self.versions.newest_first(repo.id)]
         return RepoDetail(name=repo.full_name, created_at=repo.created_at, versions=versions)
 
@@ -244,7 +243,7 @@ class VersionService:
             VersionYanked: a version named exactly is yanked and ``allow_yanked`` is false; or every
                 version of the repo is yanked (``ns/name``).
         """
-        repo = self._require_repo(ref.repo)
+        repo = self.repos.require(ref.repo.namespace, ref.repo.name)
         if ref.alias is not None:
             holder = self.aliases.get(repo.id, ref.alias)
             if holder is None:
@@ -288,12 +287,6 @@ class VersionService:
 
     def _created(self, repo: Repo, sized: SizedVersion, *, created: bool) -> VersionCreated:
         return VersionCreated(**self._full(repo, sized).model_dump(), created=created)
-
-    def _require_repo(self, repo_name: RepoName) -> Repo:
-        repo = self.repos.get(repo_name.namespace, repo_name.name)
-        if repo is None:
-            raise RepoNotFound(f"repository {repo_name} does not exist")
-        return repo
 
 
 def _check_training_metadata(manifest: Manifest) -> None:

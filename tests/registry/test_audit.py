@@ -8,24 +8,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
-
-from deltareg.registry.db import make_engine
+from _support.database import sql
 
 pytestmark = pytest.mark.backends("sqlite-fs", "postgres-fs")
 
 REPO = "acme/bot"
 ACTOR = "X-Deltareg-Actor"
-
-
-def sql(settings: Any, statement: str, **params: Any) -> list[tuple[Any, ...]]:
-    engine = make_engine(settings.database_url)
-    try:
-        with engine.begin() as connection:
-            result = connection.execute(text(statement), params)
-            return [tuple(row) for row in result] if result.returns_rows else []
-    finally:
-        engine.dispose()
 
 
 def entries(registry: Any, **params: Any) -> list[dict[str, Any]]:

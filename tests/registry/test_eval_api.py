@@ -9,11 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from deltareg.registry.db import make_engine
-from deltareg.registry.models import Repo, Version, utcnow
+from _support.database import yank_in_database
 
 pytestmark = pytest.mark.backends("fs")
 
@@ -50,21 +46,6 @@ def shown_evals(registry: Any, number: int) -> list[dict[str, Any]]:
     assert response.status_code == 200, response.text
     evals: list[dict[str, Any]] = response.json()["evals"]
     return evals
-
-
-def yank_in_database(settings: Any, repo: str, number: int, reason: str) -> None:
-    namespace, name = repo.split("/")
-    engine = make_engine(settings.database_url)
-    try:
-        with Session(engine) as session, session.begin():
-            version = session.scalars(
-                select(Version)
-                .join(Repo, Repo.id == Version.repo_id)
-                .where(Repo.namespace == namespace, Repo.name == name, Version.number == number)
-            ).one()
-            version.yanked_at, version.yank_reason, version.yanked_by = utcnow(), reason, "carol"
-    finally:
-        engine.dispose()
 
 
 FULL = {

@@ -362,3 +362,12 @@ def test_a_number_without_a_canonical_form_is_an_invalid_manifest(registry, fami
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_manifest"
     assert "canonical JSON" in response.json()["detail"]
+
+
+def test_a_bare_repo_is_its_newest_version_that_is_not_yanked(registry):
+    first = registry.push("acme/solo", registry.lora_files(30))
+    second = registry.push("acme/solo", registry.lora_files(31))
+    yanked = registry.client.post("/api/v1/repos/acme/solo/versions/2/yank", json={"reason": "bad data"})
+    assert yanked.status_code == 200, yanked.text
+    assert lineage(registry, "acme/solo")["root"] == first["digest"]
+    assert lineage(registry, "acme/solo:2")["root"] == second["digest"]  # exact: still readable

@@ -7,9 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import text
-
-from deltareg.registry.db import make_engine
+from _support.database import sql
 
 pytestmark = pytest.mark.backends("fs")
 
@@ -18,16 +16,6 @@ ACTOR = "X-Deltareg-Actor"
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-
-def sql(settings: Any, statement: str, **params: Any) -> list[tuple[Any, ...]]:
-    engine = make_engine(settings.database_url)
-    try:
-        with engine.begin() as connection:
-            result = connection.execute(text(statement), params)
-            return [tuple(row) for row in result] if result.returns_rows else []
-    finally:
-        engine.dispose()
 
 
 def push(

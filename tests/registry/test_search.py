@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from _support.database import yank_in_database
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from deltareg.registry.db import make_engine
-from deltareg.registry.models import Repo, Version, utcnow
 from deltareg.registry.search.repository import SearchRepository
 from deltareg.registry.search.schemas import Condition, SearchFilters
 
@@ -22,21 +22,6 @@ pytestmark = pytest.mark.backends("fs")
 
 BASE_A = "tmv1:" + "ab" * 32
 BASE_B = "tmv1:" + "cd" * 32
-
-
-def yank_in_database(settings: Any, repo: str, number: int, reason: str) -> None:
-    namespace, name = repo.split("/")
-    engine = make_engine(settings.database_url)
-    try:
-        with Session(engine) as session, session.begin():
-            version = session.scalars(
-                select(Version)
-                .join(Repo, Repo.id == Version.repo_id)
-                .where(Repo.namespace == namespace, Repo.name == name, Version.number == number)
-            ).one()
-            version.yanked_at, version.yank_reason, version.yanked_by = utcnow(), reason, "carol"
-    finally:
-        engine.dispose()
 
 
 def score(registry: Any, ref: str, *evals: tuple[str, float, str | None]) -> None:

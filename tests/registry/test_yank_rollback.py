@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from _support.database import sql
 from sqlalchemy import text
 
 from deltareg.registry.audit.repository import _POSTGRES_AUDIT_LOCK
@@ -24,16 +25,6 @@ ACTOR = "X-Deltareg-Actor"
 
 
 # ---- helpers --------------------------------------------------------------------------------------
-
-
-def sql(settings: Any, statement: str, **params: Any) -> list[tuple[Any, ...]]:
-    engine = make_engine(settings.database_url)
-    try:
-        with engine.begin() as connection:
-            result = connection.execute(text(statement), params)
-            return [tuple(row) for row in result] if result.returns_rows else []
-    finally:
-        engine.dispose()
 
 
 def push(registry: Any, seed: int, evals: dict[str, float] | None = None, *, by: str = "alice") -> int:
