@@ -6,6 +6,7 @@ limit instead (413) and turn parse errors into the stable ``invalid_input`` erro
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,8 +20,15 @@ from deltareg.registry.deps import SettingsDep
 Model = TypeVar("Model", bound=BaseModel)
 
 
+# A JSON string can hold a NUL only as the escape \u0000 (a raw NUL byte is not valid JSON); an escape is
+# one preceded by an odd number of backslashes. PostgreSQL text cannot store NUL, so it is refused here,
+# for every JSON body at once, rather than failing deep in a write.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 async def read_limited(request: Request, limit: int) -> bytes:
-    """The request body, refusing it (413) as soon as it is known to exceed ``limit`` bytes."""
+    """The JSON request body, refusing it (413) as soon as it is known to exceed ``limit`` bytes, and
+    (400) when a string in it holds a NUL character."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
@@ -29,6 +37,8 @@ async def read_limited(request: Request, limit: int) -> bytes:
         body += chunk
         if len(body) > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+    if _NUL_ESCAPE.search(body):
+        raise InvalidInput("invalid request body: text may not contain NUL characters (\\u0000)")
     return bytes(body)
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from deltareg.client.errors import InvalidInput
 from deltareg.registry.config import Settings
 from deltareg.registry.db import get_session
 from deltareg.registry.storage import BlobStore
@@ -26,3 +27,10 @@ def get_store(request: Request) -> BlobStore:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
+
+
+def refuse_nul_in_query(request: Request) -> None:
+    """Every route: a query parameter holding a NUL is a 400 (PostgreSQL text cannot hold one)."""
+    for name, value in request.query_params.multi_items():
+        if "\x00" in value or "\x00" in name:
+            raise InvalidInput(f"query parameter {name!r} may not contain NUL characters")

@@ -6,13 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
 from deltareg.registry.aliases.routes import router as aliases_router
 from deltareg.registry.audit.routes import router as audit_router
 from deltareg.registry.blobs.routes import router as blobs_router
 from deltareg.registry.config import Settings
 from deltareg.registry.db import Database
+from deltareg.registry.deps import refuse_nul_in_query
 from deltareg.registry.errors import add_exception_handlers
 from deltareg.registry.evals.routes import router as evals_router
 from deltareg.registry.gc.task import periodic_gc
@@ -48,7 +49,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             database.dispose()
 
-    app = FastAPI(title="deltareg registry", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="deltareg registry",
+        version="0.1.0",
+        lifespan=lifespan,
+        dependencies=[Depends(refuse_nul_in_query)],
+    )
     app.state.settings = settings
     app.state.database = database
     app.state.store = store
