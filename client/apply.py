@@ -3,6 +3,11 @@
 The math matches PEFT's ``merge_and_unload`` bit for bit (``LoraLayer.get_delta_weight`` + ``merge``):
 ``delta = (f32(B) @ f32(A)) * scale`` (transposed with fan_in_fan_out), then ``W <- W + delta`` computed in
 fp32 and rounded once to W's dtype. Never "unmerge": to go back, apply again from the pristine base.
+The variants follow their PEFT layers too: an embedding (``lora.Embedding.merge``) takes the transposed
+delta rounded to W's dtype first, then added (``W += delta.to(W.dtype)``); a LoRA bias is
+``bias <- bias + f32(lora_B.bias) * scale`` in fp32, rounded once; a tensor the adapter saved in full
+(modules_to_save, the embedding PEFT saves beside embedding LoRA) replaces the base tensor, bytes for bytes,
+before that module's delta is added (PEFT loads the adapter state dict, then merges).
 
 Nothing is modified before everything is checked: the manifest's params, the adapter tensors (present,
 expected shapes, finite), every target in the base (present, expected shape, float dtype) and the base's
@@ -46,9 +51,14 @@ from deltareg.client.fingerprint import (
     tensor_digests_of_state_dict,
 )
 from deltareg.client.lora import (
+    BASE_DTYPES,
+    EMBEDDING,
     FACTOR_DTYPES,
     MAX_LISTED_PROBLEMS,
+    BiasTarget,
     LoraTarget,
+    ReplaceTarget,
+    Target,
     check_against_base,
     targets_from_params,
 )
@@ -62,9 +72,10 @@ BLOCK_ELEMENTS = 1 << 20
 COPY_CHUNK = 16 << 20
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B), as stored in the adapter file
-# One merge into a base tensor: the target and its (A, B).
-Merge = tuple[LoraTarget, torch.Tensor, torch.Tensor]
-# Base tensor name -> its merges, in chain order (oldest version first).
+# One change of a base tensor: the target and its tensors from the adapter file: (A, B) for a LoraTarget,
+# (lora_B.bias,) for a BiasTarget, (the saved copy,) for a ReplaceTarget.
+Merge = tuple[Target, tuple[torch.Tensor, ...]]
+# Base tensor name -> its changes, in chain order (oldest version first), each step's replacement first.
 Merges = dict[str, list[Merge]]
 
 
@@ -102,12 +113,14 @@ def merge_lora_into(
     scale: float,
     *,
     fan_in_fan_out: bool = False,
+    round_delta: bool = False,
 ) -> None:
     """``weight += scale * (B @ A)`` in place (``.T`` of the delta with fan_in_fan_out), as PEFT merges.
 
     The delta is computed in fp32 (fp64 for an fp64 weight) in row blocks of about ``BLOCK_ELEMENTS``, so
     the extra memory is one block and W is read and written once. Every element gets exactly PEFT's
     operations: one matmul result, one multiply by the scale, one add, one final rounding to W's dtype.
+    With ``round_delta`` (PEFT's embedding merge) the delta is rounded to W's dtype before the add instead.
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     a = lora_a.to(device=weight.device, dtype=compute)
@@ -126,7 +139,10 @@ def merge_lora_into(
             block = scratch[: (stop - start) * cols].view(stop - start, cols)
             torch.mm(b[start:stop], a, out=block)
         block.mul_(scale)
-        _add_rounded(weight[start:stop], block)
+        if round_delta:
+            weight[start:stop].add_(block.to(weight.dtype))
+        else:
+            _add_rounded(weight[start:stop], block)
 
 
 def _add_rounded(weight: torch.Tensor, delta: torch.Tensor) -> None:
@@ -178,6 +194,7 @@ def apply_steps_to_state_dict(
     specs = {name: _spec_of(tensor) for name, tensor in detached.items()}
     for _, targets in plans:
         check_against_base(targets, specs)
+        _refuse_tied_replacements(targets, detached)
     merges = _load_merges(plans)
     if verify == "full":
         _verify_fingerprint(steps[-1].manifest, fingerprint_state_dict(detached))
@@ -190,9 +207,46 @@ def apply_steps_to_state_dict(
 
 
 def _merge_all(weight: torch.Tensor, merges: Sequence[Merge]) -> None:
-    """Each merge in turn, each rounded to the weight's dtype: what merging the versions one by one does."""
-    for target, lora_a, lora_b in merges:
-        merge_lora_into(weight, lora_a, lora_b, target.scale, fan_in_fan_out=target.fan_in_fan_out)
+    """Each change in turn, each rounded to the weight's dtype: what merging the versions one by one does."""
+    for target, tensors in merges:
+        if isinstance(target, ReplaceTarget):
+            weight.copy_(tensors[0])  # same dtype and shape (checked): the saved bytes
+        elif isinstance(target, BiasTarget):
+            # PEFT: base_layer.bias.data += lora_B.bias * scaling, with the fp32 (autocast) LoRA bias.
+            _add_rounded(weight, tensors[0].to(device=weight.device, dtype=torch.float32) * target.scale)
+        else:
+            lora_a, lora_b = tensors
+            merge_lora_into(
+                weight,
+                lora_a,
+                lora_b,
+                target.scale,
+                fan_in_fan_out=target.transposed,
+                round_delta=target.layer == EMBEDDING,
+            )
+
+
+def _refuse_tied_replacements(targets: Sequence[Target], tensors: Mapping[str, torch.Tensor]) -> None:
+    """A replaced tensor tied to another (shared storage) cannot be replaced in place without changing the
+    other one too, which PEFT does not do (its modules_to_save copy is a separate tensor). The embedding PEFT
+    saves beside embedding LoRA is loaded into the (tied) base layer itself, so it may be tied."""
+    lora_modules = {t.module for t in targets if isinstance(t, LoraTarget)}
+    for target in targets:
+        if not isinstance(target, ReplaceTarget) or target.module in lora_modules:
+            continue
+        tensor = tensors[target.base_tensor]
+        tied = [
+            name
+            for name, other in tensors.items()
+            if name != target.base_tensor
+            and other.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+        ]
+        if tied:
+            raise BaseMismatch(
+                f"{target.base_tensor} is tied to {', '.join(tied[:5])} (one shared tensor): the adapter "
+                f"saves its own copy ({target.tensor}, modules_to_save), which cannot replace a tied tensor "
+                "in place; untie the weights first (e.g. load with tie_word_embeddings=False)"
+            )
 
 
 def apply_to_module(
@@ -394,7 +448,7 @@ def _copy_range(src_fd: int, dst: BinaryIO, offset: int, length: int) -> None:
 # Checks shared by both paths
 
 
-def _plan(steps: Sequence[Step], verify: str) -> list[tuple[Step, list[LoraTarget]]]:
+def _plan(steps: Sequence[Step], verify: str) -> list[tuple[Step, list[Target]]]:
     """Every step's targets, once the steps are known to form a chain on one base (oldest first)."""
     if not steps:
         raise InvalidInput("nothing to apply: the chain has no versions")
@@ -418,17 +472,17 @@ def _plan(steps: Sequence[Step], verify: str) -> list[tuple[Step, list[LoraTarge
     return [(step, _targets(step.manifest, verify)) for step in steps]
 
 
-def _load_merges(plans: Sequence[tuple[Step, list[LoraTarget]]]) -> Merges:
-    """Every step's factors (checked), grouped by the base tensor they change, in chain order."""
+def _load_merges(plans: Sequence[tuple[Step, list[Target]]]) -> Merges:
+    """Every step's tensors (checked), grouped by the base tensor they change, in chain order."""
     merges: Merges = {}
     for step, targets in plans:
-        factors = load_factors(step.path, step.manifest, targets)
-        for target in targets:
-            merges.setdefault(target.base_tensor, []).append((target, *factors[target.module]))
+        loaded = load_tensors(step.path, step.manifest, targets)
+        for target, tensors in zip(targets, loaded, strict=True):
+            merges.setdefault(target.base_tensor, []).append((target, tensors))
     return merges
 
 
-def _chain_touched_digests(plans: Sequence[tuple[Step, list[LoraTarget]]]) -> dict[str, str]:
+def _chain_touched_digests(plans: Sequence[tuple[Step, list[Target]]]) -> dict[str, str]:
     """The base tensor digests every step recorded, merged; the steps must agree (one base)."""
     expected: dict[str, str] = {}
     for step, targets in plans:
@@ -441,52 +495,74 @@ def _chain_touched_digests(plans: Sequence[tuple[Step, list[LoraTarget]]]) -> di
     return expected
 
 
-def _targets(manifest: Manifest, verify: str) -> list[LoraTarget]:
+def _targets(manifest: Manifest, verify: str) -> list[Target]:
     if verify not in VERIFY_MODES:
         raise InvalidInput(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
     if manifest.kind != "lora":
         raise InvalidManifest(f"cannot apply a delta of kind {manifest.kind!r} as LoRA")
-    targets: list[LoraTarget] = targets_from_params(manifest.params)
+    targets: list[Target] = targets_from_params(manifest.params)
     return targets
 
 
-def load_factors(version_dir: Path, manifest: Manifest, targets: Sequence[LoraTarget]) -> Factors:
-    """Every target's (A, B) from the version's weights file, checked before anything is applied.
+def load_factors(version_dir: Path, manifest: Manifest, targets: Sequence[Target]) -> Factors:
+    """Every LoRA target's (A, B) from the version's weights file, checked (see ``load_tensors``)."""
+    lora = [t for t in targets if isinstance(t, LoraTarget)]
+    loaded = load_tensors(version_dir, manifest, lora)
+    return {t.module: (tensors[0], tensors[1]) for t, tensors in zip(lora, loaded, strict=True)}
+
+
+def load_tensors(
+    version_dir: Path, manifest: Manifest, targets: Sequence[Target]
+) -> list[tuple[torch.Tensor, ...]]:
+    """Every target's tensors from the version's weights file (in the targets' order), checked before
+    anything is applied: (A, B) of a LoRA target, (lora_B.bias,) of a bias, (the copy,) of a replacement.
 
     Raises:
         InvalidManifest: the weights file is not one of the version's files.
-        InvalidAdapter: a factor is missing, has an unexpected dtype or shape, or is not finite.
+        InvalidAdapter: a tensor is missing, has an unexpected dtype or shape, or is not finite.
     """
     weights = str(manifest.params["weights"])
     if weights not in {entry.path for entry in manifest.files}:
         raise InvalidManifest(f"the lora weights file {weights!r} is not one of the version's files")
     path = Path(version_dir) / weights
     header = read_header_file(path)
-    problems = [problem for target in targets for problem in _factor_problems(header, target)]
+    problems = [problem for target in targets for problem in _tensor_problems(header, target)]
     if problems:
         raise InvalidAdapter(f"{path}: " + "; ".join(problems[:MAX_LISTED_PROBLEMS]))
-    factors: Factors = {}
     with safe_open(path, framework="pt") as handle:
-        for target in targets:
-            factors[target.module] = (handle.get_tensor(target.lora_a), handle.get_tensor(target.lora_b))
-    broken = [module for module, (a, b) in factors.items() if not (a.isfinite().all() and b.isfinite().all())]
+        loaded = [tuple(handle.get_tensor(key) for key, _, _ in _tensor_keys(t)) for t in targets]
+    broken = [
+        target.module
+        for target, tensors in zip(targets, loaded, strict=True)
+        if not all(bool(t.isfinite().all()) for t in tensors)
+    ]
     if broken:
         raise InvalidAdapter(
-            f"{path}: the LoRA factors of {', '.join(broken[:5])} hold NaN or infinite values"
+            f"{path}: the tensors of {', '.join(dict.fromkeys(broken[:5]))} hold NaN or infinite values"
         )
-    return factors
+    return loaded
 
 
-def _factor_problems(header: SafetensorsHeader, target: LoraTarget) -> list[str]:
+def _tensor_keys(target: Target) -> list[tuple[str, tuple[int, ...], frozenset[str]]]:
+    """(key, expected shape, allowed dtypes) of each adapter tensor a target uses."""
+    if isinstance(target, LoraTarget):
+        return [
+            (target.lora_a, target.a_shape, FACTOR_DTYPES),
+            (target.lora_b, target.b_shape, FACTOR_DTYPES),
+        ]
+    if isinstance(target, BiasTarget):
+        return [(target.lora_bias, target.shape, FACTOR_DTYPES)]
+    return [(target.tensor, target.shape, frozenset({target.dtype}) & BASE_DTYPES)]
+
+
+def _tensor_problems(header: SafetensorsHeader, target: Target) -> list[str]:
     problems = []
-    for key, expected in ((target.lora_a, target.a_shape), (target.lora_b, target.b_shape)):
+    for key, expected, dtypes in _tensor_keys(target):
         entry = header.tensors.get(key)
         if entry is None:
             problems.append(f"{key} is missing")
-        elif entry.dtype not in FACTOR_DTYPES:
-            problems.append(
-                f"{key} has dtype {entry.dtype}, expected one of {', '.join(sorted(FACTOR_DTYPES))}"
-            )
+        elif entry.dtype not in dtypes:
+            problems.append(f"{key} has dtype {entry.dtype}, expected one of {', '.join(sorted(dtypes))}")
         elif entry.shape != expected:
             problems.append(f"{key} has shape {list(entry.shape)}, the manifest says {list(expected)}")
     return problems
@@ -506,7 +582,7 @@ def _verify_fingerprint(manifest: Manifest, fingerprint: ModelFingerprint) -> No
     )
 
 
-def _touched_digests(manifest: Manifest, targets: Sequence[LoraTarget]) -> dict[str, str]:
+def _touched_digests(manifest: Manifest, targets: Sequence[Target]) -> dict[str, str]:
     recorded = manifest.base.tensors
     if not recorded:
         raise InvalidManifest(

@@ -9,6 +9,19 @@ Folder layout, exactly as ``PeftModel.save_pretrained`` writes it for the defaul
     adapter_model.safetensors   base_model.model.<module>.lora_A.weight (r, in) / .lora_B.weight (out, r)
     README.md                   the model card (optional)
 
+Besides plain LoRA on linear layers (``nn.Linear``, and GPT-2's ``Conv1D`` with ``fan_in_fan_out``), the
+weights file may hold, exactly as PEFT 0.21 writes them:
+
+* embedding LoRA: ``<module>.lora_embedding_A`` (r, num_embeddings) and ``.lora_embedding_B``
+  (embedding_dim, r), no ``.weight`` suffix; PEFT also saves the embedding itself as
+  ``<module>.base_layer.weight`` (``save_embedding_layers="auto"``), which it loads over the base before
+  merging, so it is recorded as a replacement of ``<module>.weight``;
+* LoRA bias (``lora_bias=True``): ``<module>.lora_B.bias`` (out,), merged as ``bias += scale * lora_B.bias``;
+  a base layer without a bias cannot take it (PEFT refuses to merge it too);
+* ``modules_to_save``: the full tensors of every module whose path ends with one of the listed names
+  (PEFT's plain ``str.endswith`` rule), under the original key ``<module>.<param>``; merging replaces the
+  base tensors.
+
 A version is made of these three files and nothing else. Any other non-pickle file in the folder (training
 logs, tokenizer files, checkpoint sub-folders) is ignored: it is not part of the adapter and not uploaded.
 A pickle anywhere at the top level (``adapter_model.bin``, ``training_args.bin``, ...) makes the folder
@@ -27,7 +40,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +66,6 @@ BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # LoraConfig fields that switch on a feature whose weights or math we do not handle yet: refused when truthy.
 UNSUPPORTED_FEATURES: dict[str, str] = {
     "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA bias (lora_bias)",
     "layer_replication": "layer replication (layer_replication)",
     "target_parameters": "LoRA on raw parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -67,13 +79,14 @@ UNSUPPORTED_FEATURES: dict[str, str] = {
     "megatron_config": "Megatron parallel layers (megatron_config)",
 }
 _FACTOR_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+_EMBEDDING_FACTOR_KEY = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<which>[AB])")
+_BIAS_KEY = re.compile(r"(?P<module>.+)\.lora_B\.bias")
+_BASE_LAYER_KEY = re.compile(r"(?P<module>.+)\.base_layer\.weight")
+LINEAR, EMBEDDING = "linear", "embedding"
 # Tensor-key suffixes of features we refuse, with the name to tell the user.
 _KNOWN_UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
-    (".lora_embedding_A", "embedding LoRA (lora_embedding_A/B)"),
-    (".lora_embedding_B", "embedding LoRA (lora_embedding_A/B)"),
     (".lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
-    (".lora_A.bias", "LoRA bias (lora_B.bias)"),
-    (".lora_B.bias", "LoRA bias (lora_B.bias)"),
+    (".lora_A.bias", "a bias on lora_A (PEFT never writes one)"),
     (".trainable_tokens_delta", "trainable tokens"),
 )
 MAX_LISTED_PROBLEMS = 20
@@ -91,7 +104,11 @@ class TensorSpec(Protocol):
 
 @dataclass(frozen=True)
 class LoraTarget:
-    """One base tensor a LoRA adapter changes: ``W <- W + scale * (B @ A)`` (``.T`` with fan_in_fan_out)."""
+    """One base tensor a LoRA adapter changes: ``W <- W + scale * (B @ A)`` (``.T`` with fan_in_fan_out).
+
+    An embedding (``layer == "embedding"``) stores W as (num_embeddings, embedding_dim) and always takes the
+    transposed delta; PEFT rounds that delta to W's dtype before adding it (``lora.Embedding.merge``).
+    """
 
     module: str  # base module path, e.g. "model.layers.0.self_attn.q_proj"
     base_tensor: str  # "model.layers.0.self_attn.q_proj.weight"
@@ -102,14 +119,52 @@ class LoraTarget:
     lora_a: str  # key of A (r, in) in the adapter weights file
     lora_b: str  # key of B (out, r)
     fan_in_fan_out: bool = False
+    layer: str = LINEAR  # LINEAR or EMBEDDING
+
+    @property
+    def transposed(self) -> bool:
+        """W is stored (in, out): the delta is ``(B @ A).T``."""
+        return self.fan_in_fan_out or self.layer == EMBEDDING
 
     @property
     def a_shape(self) -> tuple[int, int]:
-        return (self.r, self.shape[0] if self.fan_in_fan_out else self.shape[1])
+        return (self.r, self.shape[0] if self.transposed else self.shape[1])
 
     @property
     def b_shape(self) -> tuple[int, int]:
-        return (self.shape[1] if self.fan_in_fan_out else self.shape[0], self.r)
+        return (self.shape[1] if self.transposed else self.shape[0], self.r)
+
+
+@dataclass(frozen=True)
+class BiasTarget:
+    """The base bias a LoRA bias changes (``lora_bias=True``): ``bias <- bias + scale * lora_B.bias``."""
+
+    module: str
+    base_tensor: str  # "<module>.bias"
+    shape: tuple[int]  # (out,)
+    scale: float
+    lora_bias: str  # key of lora_B.bias in the adapter weights file
+
+
+@dataclass(frozen=True)
+class ReplaceTarget:
+    """A base tensor the adapter replaces by a full copy it saved (modules_to_save, a saved embedding)."""
+
+    module: str
+    base_tensor: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype: the base tensor must have the same
+    tensor: str  # key of the copy in the adapter weights file
+
+
+Target = LoraTarget | BiasTarget | ReplaceTarget
+# Within one module: the saved copy replaces the base first, then the LoRA delta is added (PEFT loads the
+# adapter state dict, then merges).
+_ORDER = {ReplaceTarget: 0, LoraTarget: 1, BiasTarget: 2}
+
+
+def _target_order(target: Target) -> tuple[str, int, str]:
+    return (target.module, _ORDER[type(target)], target.base_tensor)
 
 
 @dataclass(frozen=True)
@@ -119,7 +174,7 @@ class LoraAdapter:
     folder: Path
     files: list[str]  # relative paths that make up the version, sorted
     config: dict[str, Any]
-    targets: list[LoraTarget]  # sorted by module path
+    targets: list[Target]  # sorted by module path; within a module: replacements, LoRA, bias
 
     @property
     def use_rslora(self) -> bool:
@@ -140,19 +195,43 @@ class LoraAdapter:
             "use_rslora": self.use_rslora,
             "fan_in_fan_out": self.fan_in_fan_out,
             "weights": WEIGHTS_FILE,
-            "modules": {
-                t.module: {
-                    "r": t.r,
-                    "alpha": t.alpha,
-                    "scale": t.scale,
-                    "base_tensor": t.base_tensor,
-                    "shape": list(t.shape),
-                    "lora_A": t.lora_a,
-                    "lora_B": t.lora_b,
-                }
-                for t in self.targets
-            },
+            "modules": params_modules(self.targets),
         }
+
+
+def params_modules(targets: Sequence[Target]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``modules``: one entry per module path.
+
+    A plain LoRA linear entry has exactly the keys ``r, alpha, scale, base_tensor, shape, lora_A, lora_B``
+    (the format of every earlier version, so existing manifests keep their digests). The variants add keys
+    that an older client refuses (it expects exactly those seven) rather than misapplies:
+    ``"layer": "embedding"``, ``"lora_B_bias": <key>`` (LoRA bias) and ``"replace": {base tensor:
+    {"tensor": <key>, "shape": [...], "dtype": ...}}`` (modules_to_save, a saved embedding).
+    """
+    modules: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        entry = modules.setdefault(t.module, {})
+        if isinstance(t, LoraTarget):
+            entry.update(
+                r=t.r,
+                alpha=t.alpha,
+                scale=t.scale,
+                base_tensor=t.base_tensor,
+                shape=list(t.shape),
+                lora_A=t.lora_a,
+                lora_B=t.lora_b,
+            )
+            if t.layer != LINEAR:
+                entry["layer"] = t.layer
+        elif isinstance(t, BiasTarget):
+            entry["lora_B_bias"] = t.lora_bias
+        else:
+            entry.setdefault("replace", {})[t.base_tensor] = {
+                "tensor": t.tensor,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+            }
+    return modules
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,48 +375,89 @@ def _is_finite_number(value: Any) -> bool:
 # Targets from the weights header
 
 
-def _targets_from_header(config: Mapping[str, Any], header: SafetensorsHeader) -> list[LoraTarget]:
-    factors, problems = _group_factor_keys(header, config)
+def _targets_from_header(config: Mapping[str, Any], header: SafetensorsHeader) -> list[Target]:
+    keys, problems = _classify_keys(header, config)
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    targets = []
-    for module in sorted(factors):
-        target, module_problems = _target_for_module(module, factors[module], header, config, fan_in_fan_out)
+    targets: list[Target] = []
+    lora_modules: dict[str, LoraTarget] = {}
+    for module in sorted(keys.factors):
+        target, module_problems = _target_for_module(
+            module, keys.factors[module], header, config, fan_in_fan_out
+        )
         problems.extend(module_problems)
         if target is not None:
             targets.append(target)
+            lora_modules[module] = target
+    problems.extend(_bias_targets(keys, lora_modules, header, config, targets))
+    problems.extend(_replace_targets(keys, lora_modules, header, targets))
     if problems:
         raise InvalidAdapter(f"{WEIGHTS_FILE}: " + _join_problems(problems))
-    if not targets:
+    if not lora_modules:
         raise InvalidAdapter(f"{WEIGHTS_FILE}: holds no LoRA weights (no *.lora_A.weight / *.lora_B.weight)")
-    return targets
+    return sorted(targets, key=_target_order)
 
 
-def _group_factor_keys(
-    header: SafetensorsHeader, config: Mapping[str, Any]
-) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """{module: {"A": key, "B": key}} for every LoRA factor key; every other key is a problem."""
-    factors: dict[str, dict[str, str]] = {}
+@dataclass
+class _Keys:
+    """The adapter file's keys by role (module paths without the ``base_model.model.`` prefix)."""
+
+    factors: dict[str, dict[str, str]]  # module -> {"A"|"B"|"embedding_A"|"embedding_B": key}
+    biases: dict[str, str]  # module -> key of lora_B.bias
+    base_layers: dict[str, str]  # module -> key of <module>.base_layer.weight (a saved embedding)
+    saved: dict[str, str]  # base tensor -> key of a modules_to_save tensor
+
+
+def _classify_keys(header: SafetensorsHeader, config: Mapping[str, Any]) -> tuple[_Keys, list[str]]:
+    """Every key of the weights file by role; every key with no role is a problem."""
+    keys = _Keys({}, {}, {}, {})
+    saved_modules = _modules_to_save(config)
     problems = []
     for key in header.tensors:
-        match = _FACTOR_KEY.fullmatch(key)
-        if key.startswith(KEY_PREFIX) and match and ".lora_" not in match["module"]:
-            module = match["module"][len(KEY_PREFIX) :]
-            factors.setdefault(module, {})[match["which"]] = key
+        name = key.removeprefix(KEY_PREFIX) if key.startswith(KEY_PREFIX) else None
+        if name is None:
+            problems.append(_unsupported_key(key))
+        elif match := _module_match(_FACTOR_KEY, name):
+            keys.factors.setdefault(match["module"], {})[match["which"]] = key
+        elif match := _module_match(_EMBEDDING_FACTOR_KEY, name):
+            keys.factors.setdefault(match["module"], {})["embedding_" + match["which"]] = key
+        elif match := _module_match(_BIAS_KEY, name):
+            keys.biases[match["module"]] = key
+        elif ".lora_" in name:
+            problems.append(_unsupported_key(key))
+        elif match := _module_match(_BASE_LAYER_KEY, name):
+            keys.base_layers[match["module"]] = key
+        elif _is_module_to_save(key, saved_modules):
+            keys.saved[name] = key
         else:
-            problems.append(_unsupported_key(key, config))
-    return factors, problems
+            problems.append(_unsupported_key(key))
+    return keys, problems
 
 
-def _unsupported_key(key: str, config: Mapping[str, Any]) -> str:
+def _module_match(pattern: re.Pattern[str], name: str) -> re.Match[str] | None:
+    match = pattern.fullmatch(name)
+    return match if match and ".lora_" not in match["module"] else None
+
+
+def _modules_to_save(config: Mapping[str, Any]) -> list[str]:
+    listed = config.get("modules_to_save") or []
+    return [name for name in listed if isinstance(name, str) and name] if isinstance(listed, list) else []
+
+
+def _is_module_to_save(key: str, saved_modules: Sequence[str]) -> bool:
+    """PEFT's rule (``utils.other._set_trainable``): a module is saved whole when its path in the PEFT model
+    ends with a listed name (plain ``str.endswith``); its tensors keep their own keys."""
+    parts = key.split(".")
+    modules = (".".join(parts[:i]) for i in range(len(KEY_PREFIX.split(".")), len(parts)))
+    return any(module.endswith(tuple(saved_modules)) for module in modules) if saved_modules else False
+
+
+def _unsupported_key(key: str) -> str:
     for suffix, feature in _KNOWN_UNSUPPORTED_KEYS:
         if key.endswith(suffix):
             return f"{key}: {feature} is not supported yet"
-    module = key.removeprefix(KEY_PREFIX)
-    for saved in config.get("modules_to_save") or []:
-        if isinstance(saved, str) and re.search(rf"(^|\.){re.escape(saved)}(\.|$)", module):
-            return f"{key}: full weights of modules_to_save ({saved}) are not supported yet"
     return (
-        f"{key}: not a LoRA factor this version understands (expected {KEY_PREFIX}<module>.lora_A/B.weight)"
+        f"{key}: not a LoRA factor this version understands (expected {KEY_PREFIX}<module>.lora_A/B.weight, "
+        ".lora_embedding_A/B, .lora_B.bias, or a tensor of a module listed in modules_to_save)"
     )
 
 
@@ -348,10 +468,21 @@ def _target_for_module(
     config: Mapping[str, Any],
     fan_in_fan_out: bool,
 ) -> tuple[LoraTarget | None, list[str]]:
-    if set(keys) != {"A", "B"}:
-        missing = "lora_A" if "A" not in keys else "lora_B"
-        return None, [f"{module}: {missing}.weight is missing"]
-    a, b = header.tensors[keys["A"]], header.tensors[keys["B"]]
+    if set(keys) == {"A", "B"}:
+        layer, names = LINEAR, ("lora_A.weight", "lora_B.weight")
+        a, b = header.tensors[keys["A"]], header.tensors[keys["B"]]
+    elif set(keys) == {"embedding_A", "embedding_B"}:
+        layer, names = EMBEDDING, ("lora_embedding_A", "lora_embedding_B")
+        a, b = header.tensors[keys["embedding_A"]], header.tensors[keys["embedding_B"]]
+    elif set(keys) <= {"A", "B"} or set(keys) <= {"embedding_A", "embedding_B"}:
+        missing = {"A": "lora_A.weight", "B": "lora_B.weight"}
+        missing_embedding = {"embedding_A": "lora_embedding_A", "embedding_B": "lora_embedding_B"}
+        expected = missing if set(keys) <= {"A", "B"} else missing_embedding
+        return None, [f"{module}: {name} is missing" for which, name in expected.items() if which not in keys]
+    else:
+        return None, [
+            f"{module}: holds both linear (lora_A/B.weight) and embedding (lora_embedding_A/B) factors"
+        ]
     problems = [
         f"{entry.name}: dtype {entry.dtype} is not supported (expected {', '.join(sorted(FACTOR_DTYPES))})"
         for entry in (a, b)
@@ -360,17 +491,20 @@ def _target_for_module(
     if len(a.shape) != 2 or len(b.shape) != 2:
         return None, [
             *problems,
-            f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} must be matrices",
+            f"{module}: {names[0]} {list(a.shape)} and {names[1]} {list(b.shape)} must be matrices",
         ]
     r, alpha = resolve_rank_alpha(config, module)
     if a.shape[0] != b.shape[1]:
-        problems.append(f"{module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank")
+        problems.append(
+            f"{module}: {names[0]} {list(a.shape)} and {names[1]} {list(b.shape)} disagree on the rank"
+        )
     elif a.shape[0] != r:
         problems.append(f"{module}: the tensors have rank {a.shape[0]} but the config resolves r={r}")
     if problems:
         return None, problems
     out_features, in_features = b.shape[0], a.shape[1]
-    shape = (in_features, out_features) if fan_in_fan_out else (out_features, in_features)
+    transposed = fan_in_fan_out or layer == EMBEDDING
+    shape = (in_features, out_features) if transposed else (out_features, in_features)
     use_rslora = bool(config.get("use_rslora", False))
     target = LoraTarget(
         module=module,
@@ -382,8 +516,98 @@ def _target_for_module(
         lora_a=a.name,
         lora_b=b.name,
         fan_in_fan_out=fan_in_fan_out,
+        layer=layer,
     )
     return target, []
+
+
+def _bias_targets(
+    keys: _Keys,
+    lora_modules: Mapping[str, LoraTarget],
+    header: SafetensorsHeader,
+    config: Mapping[str, Any],
+    targets: list[Target],
+) -> list[str]:
+    """A BiasTarget per lora_B.bias; with lora_bias=true every linear LoRA module must have one."""
+    problems = []
+    biases, factor_modules = keys.biases, set(keys.factors)
+    lora_bias = bool(config.get("lora_bias", False))
+    for module, key in sorted(biases.items()):
+        entry, target = header.tensors[key], lora_modules.get(module)
+        if not lora_bias:
+            problems.append(
+                f"{key}: a LoRA bias, but the config has lora_bias=false (PEFT would not load it)"
+            )
+        elif module not in factor_modules:
+            problems.append(f"{key}: a LoRA bias without lora_A/B.weight")
+        elif target is None:
+            continue  # the module's factors are already reported
+        elif target.layer != LINEAR:
+            problems.append(f"{key}: PEFT supports lora_bias on linear layers only, not on embeddings")
+        elif entry.dtype not in FACTOR_DTYPES:
+            problems.append(f"{key}: dtype {entry.dtype} is not supported")
+        elif entry.shape != (target.b_shape[0],):
+            problems.append(
+                f"{key}: shape {list(entry.shape)}, expected [{target.b_shape[0]}] (lora_B's rows)"
+            )
+        else:
+            targets.append(
+                BiasTarget(
+                    module=module,
+                    base_tensor=f"{module}.bias",
+                    shape=(target.b_shape[0],),
+                    scale=target.scale,
+                    lora_bias=key,
+                )
+            )
+    if lora_bias:
+        problems.extend(
+            f"{module}: lora_bias is true but {KEY_PREFIX}{module}.lora_B.bias is missing"
+            for module, target in sorted(lora_modules.items())
+            if target.layer == LINEAR and module not in biases
+        )
+    return problems
+
+
+def _replace_targets(
+    keys: _Keys, lora_modules: Mapping[str, LoraTarget], header: SafetensorsHeader, targets: list[Target]
+) -> list[str]:
+    """ReplaceTargets for saved embeddings (``<module>.base_layer.weight``) and modules_to_save tensors."""
+    problems = []
+    copies: list[tuple[str, str, str]] = []  # (module, base tensor, key)
+    for module, key in sorted(keys.base_layers.items()):
+        target = lora_modules.get(module)
+        if target is None or target.layer != EMBEDDING:
+            problems.append(f"{key}: a saved base layer is only understood for an embedding LoRA module")
+        else:
+            copies.append((module, target.base_tensor, key))
+    for name, key in sorted(keys.saved.items()):
+        module = name.rsplit(".", 1)[0] if "." in name else name
+        owner = next((m for m in lora_modules if name.startswith(m + ".")), None)
+        if owner is not None:
+            problems.append(f"{key}: module {owner} has both LoRA factors and full modules_to_save weights")
+        else:
+            copies.append((module, name, key))
+    for module, base_tensor, key in copies:
+        entry = header.tensors[key]
+        if entry.dtype not in BASE_DTYPES:
+            problems.append(
+                f"{key}: dtype {entry.dtype} is not supported (expected {', '.join(sorted(BASE_DTYPES))})"
+            )
+            continue
+        target = lora_modules.get(module)
+        if target is not None and entry.shape != target.shape:
+            problems.append(
+                f"{key}: shape {list(entry.shape)}, but the LoRA factors of {module} expect "
+                f"{list(target.shape)}"
+            )
+            continue
+        targets.append(
+            ReplaceTarget(
+                module=module, base_tensor=base_tensor, shape=entry.shape, dtype=entry.dtype, tensor=key
+            )
+        )
+    return problems
 
 
 def get_pattern_key(pattern_keys: Sequence[str], key_to_match: str) -> str:
@@ -412,7 +636,7 @@ def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
 # Manifest params
 
 
-def targets_from_params(params: Mapping[str, Any]) -> list[LoraTarget]:
+def targets_from_params(params: Mapping[str, Any]) -> list[Target]:
     """The targets a manifest's ``params`` (kind "lora") describe; the inverse of ``LoraAdapter.params``.
 
     The params come from a manifest, so every field is checked; the recorded scale must be the one its
@@ -432,22 +656,66 @@ def targets_from_params(params: Mapping[str, Any]) -> list[LoraTarget]:
     modules = params.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise InvalidManifest("lora params: modules must be a non-empty object")
-    return [
-        _target_from_entry(module, entry, bool(flags["use_rslora"]), bool(flags["fan_in_fan_out"]))
+    targets = [
+        target
         for module, entry in sorted(modules.items())
+        for target in _targets_from_entry(
+            module, entry, bool(flags["use_rslora"]), bool(flags["fan_in_fan_out"])
+        )
     ]
+    if not any(isinstance(t, LoraTarget) for t in targets):
+        raise InvalidManifest("lora params: no module has LoRA factors")
+    return sorted(targets, key=_target_order)
 
 
-def _target_from_entry(module: str, entry: Any, use_rslora: bool, fan_in_fan_out: bool) -> LoraTarget:
+_LORA_KEYS = frozenset({"r", "alpha", "scale", "base_tensor", "shape", "lora_A", "lora_B"})
+_OPTIONAL_KEYS = frozenset({"layer", "lora_B_bias", "replace"})
+
+
+def _targets_from_entry(module: str, entry: Any, use_rslora: bool, fan_in_fan_out: bool) -> list[Target]:
     def fail(problem: str) -> InvalidManifest:
         return InvalidManifest(f"lora params: modules[{module!r}]: {problem}")
 
     if not isinstance(entry, dict):
         raise fail("must be an object")
-    expected_keys = {"r", "alpha", "scale", "base_tensor", "shape", "lora_A", "lora_B"}
-    if set(entry) != expected_keys:
-        raise fail(f"expected exactly the keys {sorted(expected_keys)}, got {sorted(entry)}")
+    keys = set(entry)
+    lora_keys = keys & _LORA_KEYS
+    if not keys or keys - _LORA_KEYS - _OPTIONAL_KEYS or (lora_keys and lora_keys != _LORA_KEYS):
+        raise fail(
+            f"expected the keys {sorted(_LORA_KEYS)} (optionally {sorted(_OPTIONAL_KEYS)}), or only "
+            f"'replace'; got {sorted(entry)}"
+        )
+    targets: list[Target] = []
+    if "replace" in entry:
+        targets.extend(_replace_from_entry(module, entry["replace"], fail))
+    if not _LORA_KEYS <= keys:
+        if keys != {"replace"}:
+            raise fail(f"{sorted(keys - {'replace'})} need the LoRA keys {sorted(_LORA_KEYS)}")
+        return targets
+    lora = _lora_from_entry(module, entry, use_rslora, fan_in_fan_out, fail)
+    targets.append(lora)
+    if "lora_B_bias" in entry:
+        key = entry["lora_B_bias"]
+        if lora.layer != LINEAR:
+            raise fail("lora_B_bias is only valid on a linear layer")
+        if not (isinstance(key, str) and key):
+            raise fail("lora_B_bias must be a tensor name")
+        shape = (lora.b_shape[0],)
+        targets.append(BiasTarget(module, f"{module}.bias", shape, lora.scale, key))
+    return targets
+
+
+def _lora_from_entry(
+    module: str,
+    entry: dict[str, Any],
+    use_rslora: bool,
+    fan_in_fan_out: bool,
+    fail: Callable[[str], InvalidManifest],
+) -> LoraTarget:
     r, alpha, scale, shape = entry["r"], entry["alpha"], entry["scale"], entry["shape"]
+    layer = entry.get("layer", LINEAR)
+    if "layer" in entry and layer != EMBEDDING:
+        raise fail(f"layer must be {EMBEDDING!r} (or absent for a linear layer), got {layer!r}")
     if not _is_positive_int(r):
         raise fail(f"r must be a positive integer, got {r!r}")
     if not (_is_finite_number(alpha) and _is_finite_number(scale)):
@@ -472,15 +740,42 @@ def _target_from_entry(module: str, entry: Any, use_rslora: bool, fan_in_fan_out
         lora_a=entry["lora_A"],
         lora_b=entry["lora_B"],
         fan_in_fan_out=fan_in_fan_out,
+        layer=layer,
     )
+
+
+def _replace_from_entry(
+    module: str, replace: Any, fail: Callable[[str], InvalidManifest]
+) -> list[ReplaceTarget]:
+    if not isinstance(replace, dict) or not replace:
+        raise fail("replace must be a non-empty object")
+    targets = []
+    for base_tensor, spec in sorted(replace.items()):
+        if not base_tensor.startswith(module + ".") and base_tensor != module:
+            raise fail(f"replace: {base_tensor!r} is not a tensor of this module")
+        if not (isinstance(spec, dict) and set(spec) == {"tensor", "shape", "dtype"}):
+            raise fail(f"replace[{base_tensor!r}] must have exactly the keys dtype, shape, tensor")
+        tensor, shape, dtype = spec["tensor"], spec["shape"], spec["dtype"]
+        if not (isinstance(tensor, str) and tensor):
+            raise fail(f"replace[{base_tensor!r}].tensor must be a tensor name")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise fail(f"replace[{base_tensor!r}].shape must be a list of non-negative integers")
+        if dtype not in BASE_DTYPES:
+            raise fail(f"replace[{base_tensor!r}].dtype must be one of {', '.join(sorted(BASE_DTYPES))}")
+        targets.append(ReplaceTarget(module, base_tensor, tuple(shape), dtype, tensor))
+    return targets
 
 
 # --------------------------------------------------------------------------------------------------
 # Fit against a base model
 
 
-def check_against_base(targets: Sequence[LoraTarget], base_tensors: Mapping[str, TensorSpec]) -> None:
-    """Check that every target tensor exists in the base with the expected shape and a float dtype.
+def check_against_base(targets: Sequence[Target], base_tensors: Mapping[str, TensorSpec]) -> None:
+    """Check that every target tensor exists in the base with the expected shape and dtype.
+
+    A LoRA bias needs the base layer's bias: PEFT cannot merge it into a layer without one (``Linear.merge``
+    raises "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias"), so neither
+    do we. A replaced tensor must have the saved copy's shape and dtype.
 
     Raises:
         BaseMismatch: listing every problem at once (up to 20, then a count).
@@ -489,10 +784,21 @@ def check_against_base(targets: Sequence[LoraTarget], base_tensors: Mapping[str,
     for target in targets:
         spec = base_tensors.get(target.base_tensor)
         if spec is None:
-            problems.append(f"{target.base_tensor} is missing")
+            if isinstance(target, BiasTarget):
+                problems.append(
+                    f"{target.base_tensor} is missing: the adapter has a LoRA bias (lora_bias) on "
+                    f"{target.module}, whose base layer has no bias; PEFT cannot merge that either"
+                )
+            else:
+                problems.append(f"{target.base_tensor} is missing")
         elif tuple(spec.shape) != target.shape:
             problems.append(
                 f"{target.base_tensor} has shape {list(spec.shape)}, the adapter expects {list(target.shape)}"
+            )
+        elif isinstance(target, ReplaceTarget) and spec.dtype != target.dtype:
+            problems.append(
+                f"{target.base_tensor} has dtype {spec.dtype}, but the adapter saved its replacement "
+                f"{target.tensor} as {target.dtype}"
             )
         elif spec.dtype not in BASE_DTYPES:
             problems.append(

@@ -16,11 +16,13 @@ test can freely modify what it loads):
     needs ``fan_in_fan_out=True``; its lm_head is tied to the input embeddings.
 
 ``lora_adapter(base, *, r=8, alpha=16, target_modules=("q_proj", "v_proj"), use_rslora=False,
-rank_pattern=None, alpha_pattern=None, fan_in_fan_out=False, seed=1) -> Path``
+rank_pattern=None, alpha_pattern=None, fan_in_fan_out=False, seed=1, lora_bias=False, modules_to_save=())
+-> Path``
     A PEFT LoRA adapter for the model saved at ``base``, made with ``get_peft_model`` and saved with
     ``PeftModel.save_pretrained`` (default adapter name). LoRA B is zero at init, which would make every
     apply a no-op, so A and B are both filled with seeded random values large enough to change bf16
-    weights.
+    weights (so are the embedding factors and lora_B's bias); the modules_to_save copies get seeded
+    noise added.
 
 ``lora_manifest(adapter, base, *, with_tensors=True) -> Manifest``
     The manifest ``push`` would make for that adapter on that base: files with sha256 digests, the base
@@ -156,6 +158,8 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
         alpha_pattern: dict[str, float] | None = None,
         fan_in_fan_out: bool = False,
         seed: int = 1,
+        lora_bias: bool = False,
+        modules_to_save: Sequence[str] = (),
     ) -> Path:
         key = (
             str(base),
@@ -167,6 +171,8 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
             tuple((alpha_pattern or {}).items()),
             fan_in_fan_out,
             seed,
+            lora_bias,
+            tuple(modules_to_save),
         )
         if key not in built:
             import torch
@@ -183,14 +189,19 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
                 rank_pattern=dict(rank_pattern or {}),
                 alpha_pattern=dict(alpha_pattern or {}),
                 fan_in_fan_out=fan_in_fan_out,
+                lora_bias=lora_bias,
+                modules_to_save=list(modules_to_save) or None,
             )
             peft_model = get_peft_model(model, config)
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for name, parameter in peft_model.named_parameters():
-                    if ".lora_A." in name or ".lora_B." in name:
+                    if ".lora_A." in name or ".lora_B." in name or ".lora_embedding_" in name:
                         noise = torch.randn(parameter.shape, generator=generator) * LORA_FACTOR_STD
                         parameter.copy_(noise)
+                    elif ".modules_to_save." in name:  # "trained" full copies: the base plus noise
+                        noise = torch.randn(parameter.shape, generator=generator) * LORA_FACTOR_STD
+                        parameter.add_(noise)
             folder = tmp_path_factory.mktemp("adapter")
             peft_model.save_pretrained(str(folder))
             built[key] = folder

@@ -165,7 +165,10 @@ def test_library_imports_without_torch() -> None:
     [
         ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
         ({"use_dora": True}, "DoRA (use_dora) is not supported"),
-        ({"lora_bias": True}, "LoRA bias (lora_bias) is not supported"),
+        (
+            {"lora_bias": True},
+            "lora_bias is true but base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias",
+        ),
         ({"layer_replication": [[0, 1]]}, "layer replication (layer_replication) is not supported"),
         ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' changes the base weights"),
@@ -221,9 +224,21 @@ def _drop(key: str) -> Callable[[dict[str, torch.Tensor]], None]:
 @pytest.mark.parametrize(
     ("edit", "reason"),
     [
-        (_add("base_model.model.model.embed_tokens.lora_embedding_A", (8, 256)), "embedding LoRA"),
+        (
+            _add("base_model.model.model.embed_tokens.lora_embedding_A", (8, 256)),
+            "model.embed_tokens: lora_embedding_B is missing",
+        ),
         (_add(f"base_model.model.{Q0}.lora_magnitude_vector", (64,)), "DoRA (lora_magnitude_vector)"),
-        (_add(f"base_model.model.{Q0}.lora_B.bias", (64,)), "LoRA bias"),
+        (
+            _add(f"base_model.model.{Q0}.lora_B.bias", (64,)),
+            "a LoRA bias, but the config has lora_bias=false",
+        ),
+        (_add(f"base_model.model.{Q0}.lora_A.bias", (8,)), "a bias on lora_A (PEFT never writes one)"),
+        (_add(f"base_model.model.{Q0}.lora_embedding_A", (8, 64)), "holds both linear"),
+        (
+            _add("base_model.model.model.norm.base_layer.weight", (64,)),
+            "a saved base layer is only understood",
+        ),
         (_add("base_model.model.model.norm.weight", (64,)), "not a LoRA factor this version understands"),
         (_add(f"base_model.model.{Q0}.lora_A.default.weight", (8, 64)), "not a LoRA factor"),
         (_replace(f"base_model.model.{Q0}.lora_A.weight", torch.zeros(7, 64)), "disagree on the rank"),
@@ -247,12 +262,19 @@ def test_refuses_unsupported_tensors(
         read_peft_adapter(folder)
 
 
-def test_refuses_modules_to_save_weights(adapter: Path, copy_folder: Callable[[Path], Path]) -> None:
+def test_modules_to_save_weights_need_the_config_to_list_them(
+    adapter: Path, copy_folder: Callable[[Path], Path]
+) -> None:
     folder = copy_folder(adapter)
-    _edit_config(folder, modules_to_save=["lm_head"])
-    assert read_peft_adapter(folder).targets  # listed but not saved: nothing to apply, accepted
     _edit_tensors(folder, _add("base_model.model.lm_head.weight", (256, 64)))
-    with pytest.raises(InvalidAdapter, match=re.escape("full weights of modules_to_save (lm_head)")):
+    with pytest.raises(InvalidAdapter, match=re.escape("lm_head.weight: not a LoRA factor")):
+        read_peft_adapter(folder)  # not listed in modules_to_save: PEFT would not load it
+    _edit_config(folder, modules_to_save=["lm_head"])
+    replaced = [t for t in read_peft_adapter(folder).targets if t.module == "lm_head"]
+    assert [t.base_tensor for t in replaced] == ["lm_head.weight"]
+    _edit_config(folder, modules_to_save=["q_proj"])  # a module with LoRA factors cannot also be saved whole
+    _edit_tensors(folder, _add(f"base_model.model.{Q0}.weight", (64, 64)))
+    with pytest.raises(InvalidAdapter, match="has both LoRA factors and full modules_to_save weights"):
         read_peft_adapter(folder)
 
 
@@ -306,7 +328,33 @@ def test_points_at_a_named_adapter_subfolder(adapter: Path, tmp_path: Path) -> N
         (lambda p: p["modules"][Q0].update(base_tensor="lm_head.weight"), "base_tensor must be"),
         (lambda p: p["modules"][Q0].update(shape=[64]), "shape must be two positive integers"),
         (lambda p: p["modules"][Q0].update(r=True), "r must be a positive integer"),
-        (lambda p: p["modules"][Q0].pop("lora_A"), "expected exactly the keys"),
+        (lambda p: p["modules"][Q0].pop("lora_A"), "expected the keys"),
+        (lambda p: p["modules"][Q0].update(extra=1), "expected the keys"),
+        (lambda p: p["modules"][Q0].update(layer="conv"), "layer must be 'embedding'"),
+        (
+            lambda p: p["modules"][Q0].update(layer="embedding", lora_B_bias="k"),
+            "only valid on a linear layer",
+        ),
+        (lambda p: p["modules"].update(x={"lora_B_bias": "k"}), "need the LoRA keys"),
+        (lambda p: p["modules"].update(x={"replace": {}}), "replace must be a non-empty object"),
+        (
+            lambda p: p["modules"].update(
+                x={"replace": {"y.weight": {"tensor": "t", "shape": [1], "dtype": "F32"}}}
+            ),
+            "'y.weight' is not a tensor of this module",
+        ),
+        (
+            lambda p: p["modules"].update(
+                x={"replace": {"x.weight": {"tensor": "t", "shape": [1], "dtype": "I8"}}}
+            ),
+            "dtype must be one of",
+        ),
+        (
+            lambda p: p.update(
+                modules={"x": {"replace": {"x.w": {"tensor": "t", "shape": [], "dtype": "F32"}}}}
+            ),
+            "no module has LoRA factors",
+        ),
         (lambda p: p.update(use_rslora="yes"), "use_rslora must be true or false"),
         (lambda p: p.update(weights="../x.safetensors"), "weights must be"),
         (lambda p: p.update(modules={}), "modules must be a non-empty object"),
