@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_transfer import free_port, moto_server, s3_client, timed
+from bench_transfer import exit_cleanly_on_sigterm, free_port, moto_server, s3_client, timed
 from safetensors.numpy import save_file
 
 from deltareg.client import Registry
@@ -121,6 +121,7 @@ def one_round(url: str, s3: object, work: Path, size_mb: int, round_: int) -> di
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

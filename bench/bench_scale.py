@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 
 import httpx
 import psycopg
+from bench_transfer import exit_cleanly_on_sigterm
 from sqlalchemy import create_engine, insert
 
 from deltareg.client.manifest import Manifest
@@ -183,6 +184,7 @@ def measure(versions: int, args: argparse.Namespace, tmp: str) -> list[tuple[flo
 
 
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

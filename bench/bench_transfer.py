@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -181,7 +182,14 @@ def report(name: str, size: int, times: dict[str, list[float]], target: float) -
     print(f"  target deltareg / boto3 <= {target}: {ratio:.2f} {'OK' if ratio <= target else 'MISSED'}")
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``) exits through ``finally`` blocks, so the moto and registry
+    processes a benchmark started are stopped too, instead of being left running."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
+
+
 def main() -> None:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
