@@ -9,6 +9,11 @@ delta rounded to W's dtype first, then added (``W += delta.to(W.dtype)``); a LoR
 (modules_to_save, the embedding PEFT saves beside embedding LoRA) replaces the base tensor, bytes for bytes,
 before that module's delta is added (PEFT loads the adapter state dict, then merges).
 
+DoRA (``merge_dora_into``, PEFT's ``DoraLinearVariant.merge_unsafe``) is not additive: the new weight is
+``m / ||W + delta||_row * (W + delta)``, so it depends on the base values. It is computed, like every
+change, only after the base is verified, on the weight as the earlier changes of the chain left it (PEFT
+merges the parent, then loads the child onto the merged model), in fp32 on whole tensors in PEFT's order.
+
 Nothing is modified before everything is checked: the manifest's params, the adapter tensors (present,
 expected shapes, finite), every target in the base (present, expected shape, float dtype) and the base's
 identity, either its whole fingerprint (``verify="full"``) or only the digests of the tensors the delta
@@ -72,8 +77,8 @@ BLOCK_ELEMENTS = 1 << 20
 COPY_CHUNK = 16 << 20
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B), as stored in the adapter file
-# One change of a base tensor: the target and its tensors from the adapter file: (A, B) for a LoraTarget,
-# (lora_B.bias,) for a BiasTarget, (the saved copy,) for a ReplaceTarget.
+# One change of a base tensor: the target and its tensors from the adapter file: (A, B) for a LoraTarget
+# ((A, B, lora_magnitude_vector) with DoRA), (lora_B.bias,) for a BiasTarget, (the copy,) for a ReplaceTarget.
 Merge = tuple[Target, tuple[torch.Tensor, ...]]
 # Base tensor name -> its changes, in chain order (oldest version first), each step's replacement first.
 Merges = dict[str, list[Merge]]
@@ -145,6 +150,47 @@ def merge_lora_into(
             _add_rounded(weight[start:stop], block)
 
 
+def merge_dora_into(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+    *,
+    fan_in_fan_out: bool = False,
+) -> None:
+    """A DoRA merge in place, with exactly the operations of PEFT 0.21's ``DoraLinearVariant.merge_unsafe``.
+
+    PEFT's factors and magnitude are fp32 (``autocast_adapter_dtype``), so, with ``T`` the transpose under
+    fan_in_fan_out::
+
+        delta  = T(f32(B) @ f32(A)) * scale                    # Linear.get_delta_weight
+        norm   = linalg.norm(T(W) + T(delta), dim=1)           # DoraLinearLayer.get_weight_norm (fp32),
+                                                               # on the unmerged W, detached
+        factor = T((f32(m) / norm).view(-1, 1))
+        W     <- (factor * (W + delta)).to(W.dtype)            # one rounding
+
+    The norm is one per output row, over W + delta in fp32 before any rounding. The whole tensor is
+    computed at once (a few fp32 copies of W), with PEFT's tensor layouts, so that the norm's reduction
+    adds in the same order and the result is bit-identical.
+    """
+    compute = torch.float32
+    a = lora_a.to(device=weight.device, dtype=compute)
+    b = lora_b.to(device=weight.device, dtype=compute)
+    m = magnitude.to(device=weight.device, dtype=compute)
+    delta = _transpose(b @ a, fan_in_fan_out) * scale
+    combined = _transpose(weight, fan_in_fan_out) + _transpose(delta, fan_in_fan_out)
+    weight_norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
+    del combined
+    dora_factor = _transpose((m / weight_norm).view(-1, 1), fan_in_fan_out)
+    weight.copy_(dora_factor * (weight + delta))
+
+
+def _transpose(tensor: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """PEFT's ``utils.other.transpose``: ``.T`` (a view) with fan_in_fan_out."""
+    return tensor.T if fan_in_fan_out else tensor
+
+
 def _add_rounded(weight: torch.Tensor, delta: torch.Tensor) -> None:
     """``weight += delta`` with the sum in delta's (wider) dtype, rounded once into weight's dtype."""
     if weight.dtype == delta.dtype:
@@ -214,6 +260,9 @@ def _merge_all(weight: torch.Tensor, merges: Sequence[Merge]) -> None:
         elif isinstance(target, BiasTarget):
             # PEFT: base_layer.bias.data += lora_B.bias * scaling, with the fp32 (autocast) LoRA bias.
             _add_rounded(weight, tensors[0].to(device=weight.device, dtype=torch.float32) * target.scale)
+        elif target.magnitude is not None:
+            lora_a, lora_b, magnitude = tensors
+            merge_dora_into(weight, lora_a, lora_b, magnitude, target.scale, fan_in_fan_out=target.transposed)
         else:
             lora_a, lora_b = tensors
             merge_lora_into(
@@ -515,7 +564,8 @@ def load_tensors(
     version_dir: Path, manifest: Manifest, targets: Sequence[Target]
 ) -> list[tuple[torch.Tensor, ...]]:
     """Every target's tensors from the version's weights file (in the targets' order), checked before
-    anything is applied: (A, B) of a LoRA target, (lora_B.bias,) of a bias, (the copy,) of a replacement.
+    anything is applied: (A, B) of a LoRA target (A, B, magnitude with DoRA), (lora_B.bias,) of a bias,
+    (the copy,) of a replacement.
 
     Raises:
         InvalidManifest: the weights file is not one of the version's files.
@@ -546,10 +596,13 @@ def load_tensors(
 def _tensor_keys(target: Target) -> list[tuple[str, tuple[int, ...], frozenset[str]]]:
     """(key, expected shape, allowed dtypes) of each adapter tensor a target uses."""
     if isinstance(target, LoraTarget):
-        return [
+        keys: list[tuple[str, tuple[int, ...], frozenset[str]]] = [
             (target.lora_a, target.a_shape, FACTOR_DTYPES),
             (target.lora_b, target.b_shape, FACTOR_DTYPES),
         ]
+        if target.magnitude is not None:
+            keys.append((target.magnitude, target.magnitude_shape, FACTOR_DTYPES))
+        return keys
     if isinstance(target, BiasTarget):
         return [(target.lora_bias, target.shape, FACTOR_DTYPES)]
     return [(target.tensor, target.shape, frozenset({target.dtype}) & BASE_DTYPES)]

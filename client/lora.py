@@ -20,7 +20,10 @@ weights file may hold, exactly as PEFT 0.21 writes them:
   a base layer without a bias cannot take it (PEFT refuses to merge it too);
 * ``modules_to_save``: the full tensors of every module whose path ends with one of the listed names
   (PEFT's plain ``str.endswith`` rule), under the original key ``<module>.<param>``; merging replaces the
-  base tensors.
+  base tensors;
+* DoRA (``use_dora=True``) on linear layers (``nn.Linear``, and ``Conv1D`` with ``fan_in_fan_out``):
+  ``<module>.lora_magnitude_vector`` (out,), no ``.weight`` suffix, beside every module's lora_A/B. DoRA
+  on an embedding is refused by name (PEFT's ``DoraEmbeddingVariant`` is not reproduced yet).
 
 A version is made of these three files and nothing else. Any other non-pickle file in the folder (training
 logs, tokenizer files, checkpoint sub-folders) is ignored: it is not part of the adapter and not uploaded.
@@ -41,7 +44,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,7 +68,6 @@ ADDITIVE_INITS: tuple[object, ...] = (True, False, "gaussian", "eva", "orthogona
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # LoraConfig fields that switch on a feature whose weights or math we do not handle yet: refused when truthy.
 UNSUPPORTED_FEATURES: dict[str, str] = {
-    "use_dora": "DoRA (use_dora)",
     "layer_replication": "layer replication (layer_replication)",
     "target_parameters": "LoRA on raw parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -82,10 +84,10 @@ _FACTOR_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 _EMBEDDING_FACTOR_KEY = re.compile(r"(?P<module>.+)\.lora_embedding_(?P<which>[AB])")
 _BIAS_KEY = re.compile(r"(?P<module>.+)\.lora_B\.bias")
 _BASE_LAYER_KEY = re.compile(r"(?P<module>.+)\.base_layer\.weight")
+_MAGNITUDE_KEY = re.compile(r"(?P<module>.+)\.lora_magnitude_vector")
 LINEAR, EMBEDDING = "linear", "embedding"
 # Tensor-key suffixes of features we refuse, with the name to tell the user.
 _KNOWN_UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
-    (".lora_magnitude_vector", "DoRA (lora_magnitude_vector)"),
     (".lora_A.bias", "a bias on lora_A (PEFT never writes one)"),
     (".trainable_tokens_delta", "trainable tokens"),
 )
@@ -120,6 +122,8 @@ class LoraTarget:
     lora_b: str  # key of B (out, r)
     fan_in_fan_out: bool = False
     layer: str = LINEAR  # LINEAR or EMBEDDING
+    # DoRA: key of lora_magnitude_vector (out,); then the merge is not additive (see apply.merge_dora_into)
+    magnitude: str | None = None
 
     @property
     def transposed(self) -> bool:
@@ -133,6 +137,10 @@ class LoraTarget:
     @property
     def b_shape(self) -> tuple[int, int]:
         return (self.shape[1] if self.transposed else self.shape[0], self.r)
+
+    @property
+    def magnitude_shape(self) -> tuple[int]:
+        return (self.b_shape[0],)
 
 
 @dataclass(frozen=True)
@@ -205,8 +213,9 @@ def params_modules(targets: Sequence[Target]) -> dict[str, dict[str, Any]]:
     A plain LoRA linear entry has exactly the keys ``r, alpha, scale, base_tensor, shape, lora_A, lora_B``
     (the format of every earlier version, so existing manifests keep their digests). The variants add keys
     that an older client refuses (it expects exactly those seven) rather than misapplies:
-    ``"layer": "embedding"``, ``"lora_B_bias": <key>`` (LoRA bias) and ``"replace": {base tensor:
-    {"tensor": <key>, "shape": [...], "dtype": ...}}`` (modules_to_save, a saved embedding).
+    ``"layer": "embedding"``, ``"lora_B_bias": <key>`` (LoRA bias), ``"lora_magnitude_vector": <key>``
+    (DoRA) and ``"replace": {base tensor: {"tensor": <key>, "shape": [...], "dtype": ...}}``
+    (modules_to_save, a saved embedding).
     """
     modules: dict[str, dict[str, Any]] = {}
     for t in targets:
@@ -223,6 +232,8 @@ def params_modules(targets: Sequence[Target]) -> dict[str, dict[str, Any]]:
             )
             if t.layer != LINEAR:
                 entry["layer"] = t.layer
+            if t.magnitude is not None:
+                entry["lora_magnitude_vector"] = t.magnitude
         elif isinstance(t, BiasTarget):
             entry["lora_B_bias"] = t.lora_bias
         else:
@@ -323,6 +334,10 @@ def _config_problems(config: Mapping[str, Any]) -> list[str]:
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
             problems.append(f"{key} must be true or false, got {config[key]!r}")
+    if not isinstance(config.get("use_dora") or False, bool):
+        problems.append(f"use_dora must be true or false, got {config['use_dora']!r}")
+    elif config.get("use_dora") and config.get("lora_bias"):
+        problems.append("lora_bias is not supported with DoRA (use_dora); PEFT's LoraConfig refuses it too")
     problems.extend(_rank_alpha_problems(config))
     return problems
 
@@ -388,6 +403,7 @@ def _targets_from_header(config: Mapping[str, Any], header: SafetensorsHeader) -
         if target is not None:
             targets.append(target)
             lora_modules[module] = target
+    problems.extend(_dora_targets(keys, lora_modules, header, config, targets))
     problems.extend(_bias_targets(keys, lora_modules, header, config, targets))
     problems.extend(_replace_targets(keys, lora_modules, header, targets))
     if problems:
@@ -405,11 +421,12 @@ class _Keys:
     biases: dict[str, str]  # module -> key of lora_B.bias
     base_layers: dict[str, str]  # module -> key of <module>.base_layer.weight (a saved embedding)
     saved: dict[str, str]  # base tensor -> key of a modules_to_save tensor
+    magnitudes: dict[str, str]  # module -> key of <module>.lora_magnitude_vector (DoRA)
 
 
 def _classify_keys(header: SafetensorsHeader, config: Mapping[str, Any]) -> tuple[_Keys, list[str]]:
     """Every key of the weights file by role; every key with no role is a problem."""
-    keys = _Keys({}, {}, {}, {})
+    keys = _Keys({}, {}, {}, {}, {})
     saved_modules = _modules_to_save(config)
     problems = []
     for key in header.tensors:
@@ -422,6 +439,8 @@ def _classify_keys(header: SafetensorsHeader, config: Mapping[str, Any]) -> tupl
             keys.factors.setdefault(match["module"], {})["embedding_" + match["which"]] = key
         elif match := _module_match(_BIAS_KEY, name):
             keys.biases[match["module"]] = key
+        elif match := _module_match(_MAGNITUDE_KEY, name):
+            keys.magnitudes[match["module"]] = key
         elif ".lora_" in name:
             problems.append(_unsupported_key(key))
         elif match := _module_match(_BASE_LAYER_KEY, name):
@@ -457,7 +476,8 @@ def _unsupported_key(key: str) -> str:
             return f"{key}: {feature} is not supported yet"
     return (
         f"{key}: not a LoRA factor this version understands (expected {KEY_PREFIX}<module>.lora_A/B.weight, "
-        ".lora_embedding_A/B, .lora_B.bias, or a tensor of a module listed in modules_to_save)"
+        ".lora_embedding_A/B, .lora_B.bias, .lora_magnitude_vector, or a tensor of a module listed in "
+        "modules_to_save)"
     )
 
 
@@ -519,6 +539,52 @@ def _target_for_module(
         layer=layer,
     )
     return target, []
+
+
+def _dora_targets(
+    keys: _Keys,
+    lora_modules: dict[str, LoraTarget],
+    header: SafetensorsHeader,
+    config: Mapping[str, Any],
+    targets: list[Target],
+) -> list[str]:
+    """With use_dora=true every LoRA module must have a lora_magnitude_vector (and only then may one exist);
+    its LoraTarget (in ``targets`` and ``lora_modules``) is replaced by one that records the key."""
+    problems = []
+    use_dora = config.get("use_dora") is True
+    for module, key in sorted(keys.magnitudes.items()):
+        entry, target = header.tensors[key], lora_modules.get(module)
+        if not use_dora:
+            problems.append(f"{key}: a DoRA magnitude vector, but the config has use_dora=false")
+        elif module not in keys.factors:
+            problems.append(f"{key}: a DoRA magnitude vector without lora_A/B.weight")
+        elif target is None:
+            continue  # the module's factors are already reported
+        elif target.layer != LINEAR:
+            problems.append(f"{key}: DoRA on an embedding ({module}) is not supported yet")
+        elif entry.dtype not in FACTOR_DTYPES:
+            problems.append(
+                f"{key}: dtype {entry.dtype} is not supported (expected {', '.join(sorted(FACTOR_DTYPES))})"
+            )
+        elif entry.shape != target.magnitude_shape:
+            problems.append(
+                f"{key}: shape {list(entry.shape)}, expected {list(target.magnitude_shape)} (lora_B's rows)"
+            )
+        else:
+            dora = replace(target, magnitude=key)
+            targets[targets.index(target)] = lora_modules[module] = dora
+    if use_dora:
+        problems.extend(
+            f"{module}: use_dora is true but {KEY_PREFIX}{module}.lora_magnitude_vector is missing"
+            for module, target in sorted(lora_modules.items())
+            if module not in keys.magnitudes and target.layer == LINEAR
+        )
+        problems.extend(
+            f"{module}: DoRA on an embedding is not supported yet"
+            for module, target in sorted(lora_modules.items())
+            if module not in keys.magnitudes and target.layer != LINEAR
+        )
+    return problems
 
 
 def _bias_targets(
@@ -669,7 +735,7 @@ def targets_from_params(params: Mapping[str, Any]) -> list[Target]:
 
 
 _LORA_KEYS = frozenset({"r", "alpha", "scale", "base_tensor", "shape", "lora_A", "lora_B"})
-_OPTIONAL_KEYS = frozenset({"layer", "lora_B_bias", "replace"})
+_OPTIONAL_KEYS = frozenset({"layer", "lora_B_bias", "lora_magnitude_vector", "replace"})
 
 
 def _targets_from_entry(module: str, entry: Any, use_rslora: bool, fan_in_fan_out: bool) -> list[Target]:
@@ -730,6 +796,12 @@ def _lora_from_entry(
         raise fail(f"shape must be two positive integers, got {shape!r}")
     if not all(isinstance(entry[k], str) and entry[k] for k in ("lora_A", "lora_B")):
         raise fail("lora_A and lora_B must be tensor names")
+    magnitude = entry.get("lora_magnitude_vector")
+    if "lora_magnitude_vector" in entry:
+        if layer != LINEAR:
+            raise fail("lora_magnitude_vector (DoRA) is only valid on a linear layer")
+        if not (isinstance(magnitude, str) and magnitude):
+            raise fail("lora_magnitude_vector must be a tensor name")
     return LoraTarget(
         module=module,
         base_tensor=entry["base_tensor"],
@@ -741,6 +813,7 @@ def _lora_from_entry(
         lora_b=entry["lora_B"],
         fan_in_fan_out=fan_in_fan_out,
         layer=layer,
+        magnitude=magnitude,
     )
 
 

@@ -16,13 +16,13 @@ test can freely modify what it loads):
     needs ``fan_in_fan_out=True``; its lm_head is tied to the input embeddings.
 
 ``lora_adapter(base, *, r=8, alpha=16, target_modules=("q_proj", "v_proj"), use_rslora=False,
-rank_pattern=None, alpha_pattern=None, fan_in_fan_out=False, seed=1, lora_bias=False, modules_to_save=())
--> Path``
+rank_pattern=None, alpha_pattern=None, fan_in_fan_out=False, seed=1, lora_bias=False, modules_to_save=(),
+use_dora=False) -> Path``
     A PEFT LoRA adapter for the model saved at ``base``, made with ``get_peft_model`` and saved with
     ``PeftModel.save_pretrained`` (default adapter name). LoRA B is zero at init, which would make every
     apply a no-op, so A and B are both filled with seeded random values large enough to change bf16
     weights (so are the embedding factors and lora_B's bias); the modules_to_save copies get seeded
-    noise added.
+    noise added, and with use_dora the magnitude vectors are multiplied by seeded (1 + noise).
 
 ``lora_manifest(adapter, base, *, with_tensors=True) -> Manifest``
     The manifest ``push`` would make for that adapter on that base: files with sha256 digests, the base
@@ -160,6 +160,7 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
         seed: int = 1,
         lora_bias: bool = False,
         modules_to_save: Sequence[str] = (),
+        use_dora: bool = False,
     ) -> Path:
         key = (
             str(base),
@@ -173,6 +174,7 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
             seed,
             lora_bias,
             tuple(modules_to_save),
+            use_dora,
         )
         if key not in built:
             import torch
@@ -191,6 +193,7 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
                 fan_in_fan_out=fan_in_fan_out,
                 lora_bias=lora_bias,
                 modules_to_save=list(modules_to_save) or None,
+                use_dora=use_dora,
             )
             peft_model = get_peft_model(model, config)
             generator = torch.Generator().manual_seed(seed)
@@ -202,6 +205,9 @@ def lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
                     elif ".modules_to_save." in name:  # "trained" full copies: the base plus noise
                         noise = torch.randn(parameter.shape, generator=generator) * LORA_FACTOR_STD
                         parameter.add_(noise)
+                    elif ".lora_magnitude_vector." in name:  # DoRA: a "trained" magnitude, not ||W||
+                        noise = torch.randn(parameter.shape, generator=generator) * LORA_FACTOR_STD
+                        parameter.mul_(1 + noise)
             folder = tmp_path_factory.mktemp("adapter")
             peft_model.save_pretrained(str(folder))
             built[key] = folder

@@ -164,7 +164,11 @@ def test_library_imports_without_torch() -> None:
     ("changes", "reason"),
     [
         ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
-        ({"use_dora": True}, "DoRA (use_dora) is not supported"),
+        (
+            {"use_dora": True},
+            "use_dora is true but base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+        ),
+        ({"use_dora": "yes"}, "use_dora must be true or false"),
         (
             {"lora_bias": True},
             "lora_bias is true but base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias",
@@ -194,7 +198,7 @@ def test_refuses_unsupported_config(
 
 def test_lists_every_config_problem_at_once(adapter: Path, copy_folder: Callable[[Path], Path]) -> None:
     folder = copy_folder(adapter)
-    _edit_config(folder, use_dora=True, layer_replication=[[0, 1]])
+    _edit_config(folder, use_dora="yes", layer_replication=[[0, 1]])
     with pytest.raises(InvalidAdapter) as caught:
         read_peft_adapter(folder)
     assert "use_dora" in caught.value.message and "layer_replication" in caught.value.message
@@ -228,7 +232,10 @@ def _drop(key: str) -> Callable[[dict[str, torch.Tensor]], None]:
             _add("base_model.model.model.embed_tokens.lora_embedding_A", (8, 256)),
             "model.embed_tokens: lora_embedding_B is missing",
         ),
-        (_add(f"base_model.model.{Q0}.lora_magnitude_vector", (64,)), "DoRA (lora_magnitude_vector)"),
+        (
+            _add(f"base_model.model.{Q0}.lora_magnitude_vector", (64,)),
+            "a DoRA magnitude vector, but the config has use_dora=false",
+        ),
         (
             _add(f"base_model.model.{Q0}.lora_B.bias", (64,)),
             "a LoRA bias, but the config has lora_bias=false",
