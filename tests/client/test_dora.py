@@ -6,12 +6,13 @@ everything untouched."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _support.tensors import load_model, max_ulp
 from safetensors.torch import load_file, save_file
 
 from deltareg.client.apply import (
@@ -41,32 +42,6 @@ CHILD_DORA = {"target_modules": ("q_proj", "v_proj"), "r": 4, "alpha": 8, "use_d
 # helpers
 
 
-def ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    int_dtype, magnitude = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.bfloat16: (torch.int16, 0x7FFF)}[
-        actual.dtype
-    ]
-
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        bits = t.contiguous().view(int_dtype).long()
-        return torch.where(bits < 0, -(bits & magnitude), bits)
-
-    return (ordered(actual) - ordered(expected)).abs()
-
-
-def max_ulp(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> int:
-    assert actual.keys() == expected.keys()
-    return max(int(ulp_distance(actual[n].detach(), t.detach()).max()) for n, t in expected.items())
-
-
-def load(folder: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model: Any = AutoModelForCausalLM.from_pretrained(folder)
-    model.eval()
-    return model
-
-
 def snapshot(module: Any) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
@@ -75,7 +50,7 @@ def peft_chain(base: Path, *adapters: Path) -> dict[str, torch.Tensor]:
     """PEFT merges each adapter (merge_and_unload), then loads the next onto the merged model."""
     from peft import PeftModel
 
-    model = load(base)
+    model = load_model(base)
     for adapter in adapters:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return snapshot(model)
@@ -88,11 +63,11 @@ def with_parent(manifest: Manifest, parent: Manifest) -> Manifest:
 def assert_matches_peft(base: Path, adapter: Path, manifest: Manifest, out: Path, label: str) -> None:
     """In memory and file to file, compared with PEFT; prints the measured differences (run with -s)."""
     expected = peft_chain(base, adapter)
-    model = load(base)
+    model = load_model(base)
     before = snapshot(model)
     apply_to_module(model, adapter, manifest)
     in_memory = max_ulp(model.state_dict(), expected)
-    files = max_ulp(load(apply_files(base, adapter, manifest, out).output).state_dict(), expected)
+    files = max_ulp(load_model(apply_files(base, adapter, manifest, out).output).state_dict(), expected)
     print(f"DoRA {label}: max {in_memory} ulp in memory, {files} ulp file to file")
     assert in_memory == 0 and files == 0
     changed = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
@@ -188,7 +163,7 @@ def test_dora_on_gpt2_conv1d_with_fan_in_fan_out_is_bit_identical_to_peft(
     base = tiny_gpt2()
     if dtype != "float32":
         base = tmp_path_factory.mktemp(f"gpt2-{dtype}")
-        load(tiny_gpt2()).to(getattr(torch, dtype)).save_pretrained(base)
+        load_model(tiny_gpt2()).to(getattr(torch, dtype)).save_pretrained(base)
     adapter = lora_adapter(base, **GPT2_DORA)
     manifest = lora_manifest(adapter, base)
     c_attn = manifest.params["modules"]["transformer.h.0.attn.c_attn"]
@@ -213,10 +188,10 @@ def test_a_dora_child_on_a_plain_lora_parent_is_bit_identical_to_peft_merging_on
     ]
     expected = peft_chain(base, parent, child)
 
-    model = load(base)
+    model = load_model(base)
     apply_steps_to_state_dict(model.state_dict(keep_vars=True), steps)
     in_memory = max_ulp(model.state_dict(), expected)
-    merged = load(apply_steps_files(base, steps, tmp_path / "out").output)
+    merged = load_model(apply_steps_files(base, steps, tmp_path / "out").output)
     files = max_ulp(merged.state_dict(), expected)
     print(f"DoRA chain llama {dtype}: max {in_memory} ulp in memory, {files} ulp file to file")
     assert in_memory == 0 and files == 0
@@ -242,15 +217,17 @@ def test_dora_with_modules_to_save_is_bit_identical_to_peft(
     manifest = lora_manifest(adapter, base)
     assert "replace" in manifest.params["modules"]["lm_head"]
     expected = peft_chain(base, adapter)
-    applied = load(base)
+    applied = load_model(base)
     apply_to_module(applied, adapter, manifest)
     in_memory = max_ulp(applied.state_dict(), expected)
     files = max_ulp(
-        load(apply_files(base, adapter, manifest, tmp_path / "out").output).state_dict(), expected
+        load_model(apply_files(base, adapter, manifest, tmp_path / "out").output).state_dict(), expected
     )
     print(f"DoRA + modules_to_save llama {dtype}: max {in_memory} ulp in memory, {files} ulp file to file")
     assert in_memory == 0 and files == 0
-    assert not torch.equal(applied.state_dict()["lm_head.weight"], load(base).state_dict()["lm_head.weight"])
+    assert not torch.equal(
+        applied.state_dict()["lm_head.weight"], load_model(base).state_dict()["lm_head.weight"]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +246,7 @@ def test_a_wrong_base_is_refused_with_the_model_untouched_and_nothing_written(
     adapter = lora_adapter(base, **DORA)
     manifest = lora_manifest(adapter, base)
     other = tiny_llama(seed=7)  # same architecture, other values: DoRA would silently compute garbage
-    model = load(other)
+    model = load_model(other)
     before = snapshot(model)
     with pytest.raises(BaseMismatch, match="wrong base model"):
         apply_to_module(model, adapter, manifest, verify=verify)
@@ -320,7 +297,7 @@ def test_a_non_finite_magnitude_is_refused_before_anything_changes(
     magnitude[3] = float("nan")
     adapter = edited_adapter(copy_folder, lora_adapter(base, **DORA), tensors={key: magnitude})
     manifest = lora_manifest(adapter, base)
-    model = load(base)
+    model = load_model(base)
     before = snapshot(model)
     with pytest.raises(InvalidAdapter, match=f"the tensors of {V0} hold NaN"):
         apply_to_module(model, adapter, manifest)

@@ -4,12 +4,13 @@ refusals that leave everything untouched. Adapters are made with real PEFT on ti
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from _support.tensors import load_model, max_ulp
 
 from deltareg.client.apply import apply_files, apply_to_module
 from deltareg.client.errors import BaseMismatch, InvalidAdapter
@@ -42,36 +43,10 @@ DTYPES = ["float32", "bfloat16"]
 # helpers
 
 
-def ulp_distance(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    int_dtype, magnitude = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.bfloat16: (torch.int16, 0x7FFF)}[
-        actual.dtype
-    ]
-
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        bits = t.contiguous().view(int_dtype).long()
-        return torch.where(bits < 0, -(bits & magnitude), bits)
-
-    return (ordered(actual) - ordered(expected)).abs()
-
-
-def max_ulp(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> int:
-    assert actual.keys() == expected.keys()
-    return max(int(ulp_distance(actual[n].detach(), t.detach()).max()) for n, t in expected.items())
-
-
-def load(folder: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    model: Any = AutoModelForCausalLM.from_pretrained(folder)
-    model.eval()
-    return model
-
-
 def peft_merged(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
     from peft import PeftModel
 
-    merged = PeftModel.from_pretrained(load(base), adapter).merge_and_unload()
+    merged = PeftModel.from_pretrained(load_model(base), adapter).merge_and_unload()
     return {name: tensor.detach().clone() for name, tensor in merged.state_dict().items()}
 
 
@@ -84,11 +59,11 @@ def assert_matches_peft(
 ) -> dict[str, torch.Tensor]:
     """Apply in memory and file to file; both must be bit-identical to PEFT. Returns PEFT's state dict."""
     expected = peft_merged(base, adapter)
-    model = load(base)
+    model = load_model(base)
     before = snapshot(model)
     apply_to_module(model, adapter, manifest)
     in_memory = max_ulp(model.state_dict(), expected)
-    files = max_ulp(load(apply_files(base, adapter, manifest, out).output).state_dict(), expected)
+    files = max_ulp(load_model(apply_files(base, adapter, manifest, out).output).state_dict(), expected)
     print(f"{label}: max {in_memory} ulp in memory, {files} ulp file to file")
     assert in_memory == 0 and files == 0
     changed = {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}
@@ -107,7 +82,7 @@ def tied_names(model: torch.nn.Module, manifest: Manifest) -> set[str]:
 def assert_refused_untouched(
     base: Path, adapter: Path, manifest: Manifest, tmp_path: Path, match: str
 ) -> None:
-    model = load(base)
+    model = load_model(base)
     before = snapshot(model)
     with pytest.raises(BaseMismatch, match=match):
         apply_to_module(model, adapter, manifest)
@@ -144,7 +119,7 @@ def gpt2(tiny_gpt2: Callable[..., Path], tmp_path_factory: pytest.TempPathFactor
             return tiny_gpt2()
         if dtype not in built:
             folder = tmp_path_factory.mktemp(f"gpt2-{dtype}")
-            load(tiny_gpt2()).to(getattr(torch, dtype)).save_pretrained(folder)
+            load_model(tiny_gpt2()).to(getattr(torch, dtype)).save_pretrained(folder)
             built[dtype] = folder
         return built[dtype]
 
@@ -314,7 +289,7 @@ def test_lora_bias_on_a_layer_without_bias_is_refused_like_peft(
     with pytest.warns(UserWarning, match="has no bias"):
         adapter = lora_adapter(base, r=4, target_modules=("q_proj",), lora_bias=True)
     with pytest.raises(RuntimeError, match="base layer has no bias"):
-        PeftModel.from_pretrained(load(base), adapter).merge_and_unload()
+        PeftModel.from_pretrained(load_model(base), adapter).merge_and_unload()
     reason = (
         r"model\.layers\.0\.self_attn\.q_proj\.bias is missing: the adapter has a LoRA bias \(lora_bias\)"
     )
@@ -434,7 +409,7 @@ def test_modules_to_save_of_a_tied_lm_head_is_refused(
     adapter = lora_adapter(untied, modules_to_save=("lm_head",))
     manifest = lora_manifest(adapter, untied, with_tensors=False)
     tied = tiny_llama(tie_word_embeddings=True)
-    model = load(tied)
+    model = load_model(tied)
     before = snapshot(model)
     with pytest.raises(BaseMismatch, match=r"lm_head\.weight is tied to model\.embed_tokens\.weight"):
         apply_to_module(model, adapter, manifest)
