@@ -1,17 +1,24 @@
-"""All SQL of aliases. Moves are compare-and-swap statements, so the database decides the winner."""
+"""All SQL of aliases and their history. Moves are compare-and-swap statements, so the database decides
+the winner; every move is appended to alias_moves."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, insert, select, update
+from sqlalchemy import CursorResult, Select, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from deltareg.registry.models import Alias, AliasMove, Version, utcnow
 
 # An alias with the version it points to.
 AliasTarget = tuple[Alias, Version]
+# A move with the numbers of the versions it went from (None: the alias was created) and to.
+MoveRow = tuple[AliasMove, int | None, int]
+
+_FROM = aliased(Version)
+_TO = aliased(Version)
 
 
 class AliasRepository:
@@ -46,6 +53,31 @@ class AliasRepository:
             .order_by(AliasMove.id)
         )
         return list(self.session.scalars(statement))
+
+    def _moves_with_numbers(self, repo_id: int, alias: str) -> Select[AliasMove, int, int]:
+        return (
+            select(AliasMove, _FROM.number, _TO.number)
+            .outerjoin(_FROM, _FROM.id == AliasMove.from_version_id)
+            .join(_TO, _TO.id == AliasMove.to_version_id)
+            .where(AliasMove.repo_id == repo_id, AliasMove.alias == alias)
+        )
+
+    def moves_newest_first(self, repo_id: int, alias: str, *, limit: int) -> list[MoveRow]:
+        statement = self._moves_with_numbers(repo_id, alias).order_by(
+            AliasMove.created_at.desc(), AliasMove.id.desc()
+        )
+        return [(move, src, dst) for move, src, dst in self.session.execute(statement.limit(limit))]
+
+    def in_force_at(self, repo_id: int, alias: str, moment: datetime) -> MoveRow | None:
+        """The newest move made at or before ``moment`` (an index range scan on repo, alias, time)."""
+        statement = (
+            self._moves_with_numbers(repo_id, alias)
+            .where(AliasMove.created_at <= moment)
+            .order_by(AliasMove.created_at.desc(), AliasMove.id.desc())
+            .limit(1)
+        )
+        row = self.session.execute(statement).first()
+        return None if row is None else (row[0], row[1], row[2])
 
     def list(self, repo_id: int) -> list[AliasTarget]:
         statement = (

@@ -82,7 +82,5 @@ def rollback_alias(
     concurrent move makes it 409 ``conflict``. The alias's policy is not applied (the version held the
     alias before). Recorded as a ``rollback`` move and audited as ``alias.rollback``.
     """
-    refusals.watch(
-        "alias.rollback", f"{namespace}/{name}@{alias}", repo=f"{namespace}/{name}", to=body.to
-    )
+    refusals.watch("alias.rollback", f"{namespace}/{name}@{alias}", repo=f"{namespace}/{name}", to=body.to)
     return service.rollback(namespace, name, alias, body, actor=refusals.actor)

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 
 from deltareg.client.errors import AliasNotFound, InvalidInput
 from deltareg.client.refs import validate_alias
-from deltareg.registry.history.repository import HistoryRepository, MoveRow
+from deltareg.registry.aliases.repository import AliasRepository, MoveRow
 from deltareg.registry.history.schemas import AliasAt, AliasHistory, AliasMoveOut
 from deltareg.registry.models import Repo
 from deltareg.registry.versions.repository import RepoRepository
@@ -17,12 +17,12 @@ from deltareg.registry.versions.repository import RepoRepository
 class HistoryService:
     def __init__(self, session: Session) -> None:
         self.repos = RepoRepository(session)
-        self.history = HistoryRepository(session)
+        self.aliases = AliasRepository(session)
 
     def moves(self, namespace: str, name: str, alias: str, *, limit: int) -> AliasHistory:
         """The alias's moves, newest first; an alias that never existed is AliasNotFound."""
         repo = self._require_repo(namespace, name, alias)
-        rows = self.history.newest_first(repo.id, alias, limit=limit)
+        rows = self.aliases.moves_newest_first(repo.id, alias, limit=limit)
         if not rows:
             raise AliasNotFound(f"alias {alias!r} of {repo.full_name} has never been defined")
         return AliasHistory(repo=repo.full_name, alias=alias, moves=[_move_out(row) for row in rows])
@@ -32,7 +32,7 @@ class HistoryService:
         if moment.tzinfo is None:
             raise InvalidInput("the time must carry a UTC offset (e.g. 2026-11-29T14:00:00Z)")
         repo = self._require_repo(namespace, name, alias)
-        row = self.history.in_force_at(repo.id, alias, moment.astimezone(UTC))
+        row = self.aliases.in_force_at(repo.id, alias, moment.astimezone(UTC))
         if row is None:
             raise AliasNotFound(f"alias {alias!r} of {repo.full_name} did not exist at {moment.isoformat()}")
         return AliasAt(repo=repo.full_name, alias=alias, at=moment, version=row[2], since=_move_out(row))

@@ -112,7 +112,5 @@ def yank_version(
     previous holder that is not yanked (refusing the whole yank if one has none). Audited as ``yank``
     (and ``alias.rollback`` for each alias moved).
     """
-    refusals.watch(
-        "yank", f"{namespace}/{name}:{number}", repo=f"{namespace}/{name}", rollback=body.rollback
-    )
+    refusals.watch("yank", f"{namespace}/{name}:{number}", repo=f"{namespace}/{name}", rollback=body.rollback)
     return service.yank(namespace, name, number, body, actor=refusals.actor)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _support.servers import Backend, free_port, wait_healthy
+from _support.servers import Backend, ServerProcess, free_port, wait_healthy
 
 DELTAREG = str(Path(sys.executable).with_name("deltareg"))
 
@@ -136,3 +136,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         "DELTAREG_S3_ENDPOINT_URL": s3.endpoint_url,
     }
     return Backend("postgres-s3", env, data_dir)
+
+
+@pytest.fixture
+def backend_server(backend: Backend, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A registry process on the test's ``backend``; the test fails if it answered any 5xx."""
+    process = ServerProcess(backend, tmp_path / "server.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+    assert process.server_errors() == [], f"{process.log_path} shows 5xx answers"

@@ -9,30 +9,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from _support.servers import Backend, ServerProcess
-from safetensors.numpy import save_file
+from _support.adapters import make_adapter
 
 pytestmark = pytest.mark.slow
 
 REPO = "acme/bot"
 BASE = "tmv1:" + "ef" * 32
 DELTAREG = str(Path(sys.executable).with_name("deltareg"))
-
-
-@pytest.fixture
-def server(backend: Backend, tmp_path: Path) -> Iterator[ServerProcess]:
-    process = ServerProcess(backend, tmp_path / "server.log")
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
-    assert process.server_errors() == [], f"{process.log_path} shows 5xx answers"
 
 
 class Cli:
@@ -71,21 +57,8 @@ class Cli:
         return lines[0]
 
 
-def make_adapter(folder: Path, seed: int) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    tensors = {
-        "base_model.model.layer.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
-        "base_model.model.layer.lora_B.weight": rng.standard_normal((16, 2)).astype(np.float32),
-    }
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
-
-
-def test_policies_approvals_rollback_yank_and_pulls_through_the_cli(server, tmp_path):
-    cli = Cli(server.url, tmp_path / "cache")
+def test_policies_approvals_rollback_yank_and_pulls_through_the_cli(backend_server, tmp_path):
+    cli = Cli(backend_server.url, tmp_path / "cache")
     scores = {1: ("0.85", "1.0"), 2: ("0.79", "1.1"), 3: ("0.9", "0.9")}
     for seed, (accuracy, loss) in scores.items():
         adapter = make_adapter(tmp_path / f"adapter-{seed}", seed)

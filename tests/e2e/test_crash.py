@@ -38,20 +38,6 @@ PUSHERS = 3
 DELTAREG = str(Path(sys.executable).with_name("deltareg"))
 
 
-# ---- server process (the `backend` fixture is in conftest.py) -----------------------------------------
-
-
-@pytest.fixture
-def server(backend: Backend, tmp_path: Path) -> Iterator[ServerProcess]:
-    process = ServerProcess(backend, tmp_path / "server.log")
-    process.start()
-    try:
-        yield process
-    finally:
-        process.stop()
-    assert process.server_errors() == [], f"{process.log_path} shows 5xx answers"
-
-
 # ---- pushes cut off by a kill -----------------------------------------------------------------------
 
 
@@ -177,35 +163,35 @@ def gc_command(backend: Backend, *args: str) -> dict[str, object]:
 # ---- the test ----------------------------------------------------------------------------------------
 
 
-def test_sigkill_during_uploads_and_commits_never_leaves_a_partial_version(backend, server, tmp_path):
+def test_sigkill_during_uploads_and_commits_never_leaves_a_partial_version(backend, backend_server, tmp_path):
     adapters = Adapters(tmp_path / "adapters")
     staging = backend.data_dir / "blobs" / "tmp"
     stalled_uploads = 0
     verified = 0
     for round_number in range(ROUNDS):
-        load = Load(server.url, adapters, tmp_path / f"cache-{round_number}")
+        load = Load(backend_server.url, adapters, tmp_path / f"cache-{round_number}")
         load.start(PUSHERS)
         stalled = None
         if backend.name == "sqlite-fs" and round_number % 2 == 0:
             before = set(staging.iterdir())
-            stalled = stall_an_upload(server, os.urandom(4 << 20))
+            stalled = stall_an_upload(backend_server, os.urandom(4 << 20))
             wait_for_partial_upload(staging, before)
             stalled_uploads += 1
         assert load.pushed.wait(timeout=120), "no push finished before the kill"
-        server.kill()  # pushers are mid-upload or mid-commit now
+        backend_server.kill()  # pushers are mid-upload or mid-commit now
         load.join()
         if stalled is not None:
             stalled[1].set()
             stalled[0].join(timeout=60)
         assert load.unexpected == [], load.unexpected
 
-        server.start()
-        with Registry(server.url, cache_dir=tmp_path / "repush", progress=False) as registry:
+        backend_server.start()
+        with Registry(backend_server.url, cache_dir=tmp_path / "repush", progress=False) as registry:
             for adapter in load.interrupted:  # the cut-off pushes go through now
                 registry.push(adapter, REPO, base=BASE)
         # Versions are immutable and numbers only grow, so checking after the re-pushes also covers
         # what was visible right after the restart.
-        verified = check_versions(server.url, tmp_path / f"verify-{round_number}", verified + 1)
+        verified = check_versions(backend_server.url, tmp_path / f"verify-{round_number}", verified + 1)
 
     if backend.name == "sqlite-fs":
         assert stalled_uploads == (ROUNDS + 1) // 2
@@ -214,4 +200,4 @@ def test_sigkill_during_uploads_and_commits_never_leaves_a_partial_version(backe
     assert report["blobs"] == [] and report["strays"] == []  # every recorded blob belongs to a version
     if backend.name == "sqlite-fs":
         assert report["uploads"] and not any(staging.iterdir())
-    assert check_versions(server.url, tmp_path / "verify-final", 1) == verified
+    assert check_versions(backend_server.url, tmp_path / "verify-final", 1) == verified
