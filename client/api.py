@@ -15,6 +15,7 @@ import httpx
 from deltareg.client import config
 from deltareg.client._http import make_client, request_json
 from deltareg.client.cache import VersionCache, VersionRecord, copy_folder, verify_folder
+from deltareg.client.dense import DenseDelta, is_dense_folder, main_dtype, read_dense_delta
 from deltareg.client.errors import (
     AliasNotFound,
     AuditChainBroken,
@@ -137,13 +138,18 @@ class PulledDelta:
         apply_pulled(self, model, verify=verify)
 
     def apply_files(
-        self, base: str | os.PathLike[str], output: str | os.PathLike[str], *, verify: VerifyMode = "full"
+        self,
+        base: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        *,
+        verify: VerifyMode = "full",
+        expect: str | None = None,
     ) -> ApplyResult:
         """Write base + delta (its chain, for a version with a parent) to ``output`` file to file; nothing is
-        written if the base does not match."""
+        written if the base does not match, or if the result's fingerprint is not ``expect`` (when given)."""
         from deltareg.client.chain import apply_pulled_files
 
-        return apply_pulled_files(self, base, output, verify=verify)
+        return apply_pulled_files(self, base, output, verify=verify, expect=expect)
 
     def verify(self, base: str | os.PathLike[str] | None = None) -> None:
         """Re-hash the files (and, with ``base``, check the base model's fingerprint)."""
@@ -259,15 +265,18 @@ class Registry:
         code_commit: str | None = None,
         hyperparameters: Mapping[str, str | bool | int | float] | None = None,
     ) -> PushResult:
-        """Push a PEFT LoRA adapter folder as a new version of ``repo``.
+        """Push a delta folder as a new version of ``repo``: a PEFT LoRA adapter (kind ``lora``) or a dense
+        delta written by ``deltareg diff`` (kind ``full``; the fingerprint of the tuned model it reproduces
+        is recorded as the version's expected result for its dtype).
 
         Args:
-            delta: the adapter folder as ``PeftModel.save_pretrained`` wrote it.
+            delta: the adapter folder as ``PeftModel.save_pretrained`` wrote it, or a ``diff`` output folder.
             repo: ``namespace/name``; created on first push.
             base: the base model (a safetensors file or folder) or its ``tmv1:`` fingerprint. With a model,
                 every target tensor is checked (name and shape) and the touched tensors' digests are
-                recorded so that a fast apply can check just those.
-            parent: a reference to the version this delta stacks on.
+                recorded so that a fast apply can check just those. A dense delta names the base it was
+                computed from, and only that one is accepted.
+            parent: a reference to the version this delta stacks on (not for a dense delta).
             evals: scores to record with the new version (metric name -> finite value).
             metadata: free-form training metadata (string keys other than the three below).
             datasets: the training datasets as (name, revision or None) pairs.
@@ -276,36 +285,90 @@ class Registry:
                 manifest's metadata under ``datasets``, ``code_commit`` and ``hyperparameters``.
 
         Raises:
-            InvalidAdapter, UnsafeFile, InvalidSafetensors: the adapter folder is not acceptable.
-            BaseMismatch: the adapter does not fit the given base model.
+            InvalidAdapter, InvalidDelta, UnsafeFile, InvalidSafetensors: the folder is not acceptable.
+            BaseMismatch: the delta does not fit the given base model.
         """
         repo_name = RepoName.parse(repo)
         recorded = training_metadata(
             metadata, datasets=datasets, code_commit=code_commit, hyperparameters=hyperparameters
         )
-        adapter = read_peft_adapter(delta)
-        base_ref = self._base_ref(base, adapter.targets, base_name, base_revision)
-        files = self._describe_files(adapter.folder, adapter.files)
+        folder, kind, files, params, base_ref = self._read_delta(delta, base, base_name, base_revision)
+        if kind == "full" and parent:
+            raise InvalidInput(
+                "a dense delta is the whole difference from its base model: push it without a parent"
+            )
         manifest = Manifest(
-            kind="lora",
+            kind=kind,
             files=files,
             base=base_ref,
-            params=adapter.params(),
+            params=params,
             parent=self.resolve(parent).digest if parent else None,
             metadata=recorded,
         )
         path = f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions"
         payload = {"manifest": manifest.to_json_obj(), "evals": _eval_list(evals)}
-        uploaded, uploaded_bytes = self._upload_missing(adapter.folder, files)
+        uploaded, uploaded_bytes = self._upload_missing(folder, files)
         try:
             body = request_json(self._http, "POST", path, json=payload)
         except MissingBlob:
             # Garbage collection removed a blob between the upload plan and the commit (the server
             # refuses such a commit): upload what is missing again and commit once more.
-            again, again_bytes = self._upload_missing(adapter.folder, files)
+            again, again_bytes = self._upload_missing(folder, files)
             uploaded, uploaded_bytes = uploaded + again, uploaded_bytes + again_bytes
             body = request_json(self._http, "POST", path, json=payload)
-        return PushResult(VersionInfo.from_json(body), bool(body.get("created")), uploaded, uploaded_bytes)
+        info = VersionInfo.from_json(body)
+        if kind == "full":
+            # diff computed the tuned model's fingerprint, which is exactly what applying this delta yields.
+            self.record_result(info.ref, params["result_dtype"], params["result_fingerprint"])
+        return PushResult(info, bool(body.get("created")), uploaded, uploaded_bytes)
+
+    def _read_delta(
+        self,
+        delta: str | os.PathLike[str],
+        base: str | os.PathLike[str],
+        name: str | None,
+        revision: str | None,
+    ) -> tuple[Path, Literal["lora", "full"], list[FileEntry], dict[str, Any], BaseModelRef]:
+        """The delta folder's kind, files (described), params and base reference, all checked."""
+        if is_dense_folder(delta):
+            dense = read_dense_delta(delta)
+            base_ref = self._dense_base_ref(base, dense, name, revision)
+            return (
+                dense.folder,
+                "full",
+                self._describe_files(dense.folder, dense.files),
+                dense.raw_params,
+                base_ref,
+            )
+        adapter = read_peft_adapter(delta)
+        base_ref = self._base_ref(base, adapter.targets, name, revision)
+        return (
+            adapter.folder,
+            "lora",
+            self._describe_files(adapter.folder, adapter.files),
+            adapter.params(),
+            base_ref,
+        )
+
+    def _dense_base_ref(
+        self, base: str | os.PathLike[str], dense: DenseDelta, name: str | None, revision: str | None
+    ) -> BaseModelRef:
+        """A dense delta was computed from one exact base: ``base`` must be it (its fingerprint or model)."""
+        text = os.fspath(base)
+        expected = dense.params.base_fingerprint
+        if is_fingerprint(text) and not Path(text).exists():
+            if text != expected:
+                raise BaseMismatch(f"this dense delta was computed from base {expected}, not {text}")
+            return BaseModelRef(fingerprint=text, name=name, revision=revision)
+        fingerprint = fingerprint_path(text, cache=self.fingerprints)
+        if fingerprint.value != expected:
+            raise BaseMismatch(
+                f"{text} has fingerprint {fingerprint.value}, "
+                f"but this dense delta was computed from {expected}"
+            )
+        targets = [t for t in dense.targets if not t.entry.is_new]
+        touched = {t.base_tensor: fingerprint.tensors[t.base_tensor].digest for t in targets}
+        return BaseModelRef(fingerprint=expected, name=name, revision=revision, tensors=touched)
 
     def _base_ref(
         self, base: str | os.PathLike[str], targets: Any, name: str | None, revision: str | None
@@ -419,12 +482,32 @@ class Registry:
         *,
         verify: VerifyMode = "full",
         allow_yanked: bool = False,
+        expect: str | None = None,
     ) -> ApplyResult:
-        """Pull ``ref`` and write base + delta to ``output`` (nothing is written on a wrong base)."""
+        """Pull ``ref`` and write base + delta to ``output`` (nothing is written on a wrong base).
+
+        ``expect``: the fingerprint the merged model must have (ResultMismatch, nothing written, if not);
+        ``"recorded"`` takes the one recorded on the version for the base's dtype (InvalidInput if none).
+        """
         out = Path(output)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InvalidInput(f"output {out} already exists and is not an empty folder")
-        return self.pull(ref, allow_yanked=allow_yanked).apply_files(base, out, verify=verify)
+        pulled = self.pull(ref, allow_yanked=allow_yanked)
+        if expect == "recorded":
+            expect = self._recorded_result(pulled, base)
+        return pulled.apply_files(base, out, verify=verify, expect=expect)
+
+    def _recorded_result(self, pulled: PulledDelta, base: str | os.PathLike[str]) -> str:
+        dtype = main_dtype(fingerprint_path(base, cache=self.fingerprints).tensors)
+        ref = f"{pulled.version.repo}:{pulled.version.number}"
+        recorded = self.expected_results(ref)
+        if dtype not in recorded:
+            known = ", ".join(sorted(recorded)) or "none"
+            raise InvalidInput(
+                f"{ref} has no recorded result for a {dtype} base (recorded: {known}); "
+                "record one with deltareg result record, or pass the fingerprint to expect"
+            )
+        return recorded[dtype]
 
     # -- aliases -------------------------------------------------------------------------------
 
@@ -695,6 +778,40 @@ class Registry:
             raise InvalidInput(f"name the version to yank: {ref}:N, {ref}@sha256:... or {ref}@ALIAS")
         path = self._version_path(reference, "yank")
         return dict(request_json(self._http, "POST", path, json={"reason": reason, "rollback": rollback}))
+
+    # -- expected results ----------------------------------------------------------------------
+
+    def record_result(self, ref: str | Reference, base_dtype: str, fingerprint: str) -> dict[str, Any]:
+        """Record ``fingerprint`` (``tmv1:…``) as the model the version ``ref`` names yields when applied
+        to its base in ``base_dtype`` (BF16, F16, F32 or F64; yanked versions too, when named exactly).
+
+        Returns the record: ``repo``, ``number``, ``digest``, ``base_dtype``, ``fingerprint``, ``actor``,
+        ``created_at`` and ``created`` (false: this fingerprint was recorded before, nothing changed).
+
+        Raises:
+            InvalidInput: a malformed fingerprint or an unknown dtype (nothing is recorded).
+            Conflict: the dtype already has a different fingerprint (results are immutable).
+            RepoNotFound, VersionNotFound: the version does not exist.
+        """
+        dtype = base_dtype.upper()
+        if not (dtype.isascii() and dtype.isalnum()):
+            raise InvalidInput(f"unknown base dtype {base_dtype!r}: expected BF16, F16, F32 or F64")
+        if not is_fingerprint(fingerprint):
+            raise InvalidInput(
+                f"invalid fingerprint {fingerprint!r}: expected 'tmv1:' followed by 64 lower-case hex digits"
+            )
+        path = self._version_path(ref, f"results/{dtype}")
+        return dict(request_json(self._http, "PUT", path, json={"fingerprint": fingerprint}))
+
+    def expected_results(self, ref: str | Reference) -> dict[str, str]:
+        """The recorded result fingerprints of the version ``ref`` names: base dtype -> ``tmv1:…``
+        (empty when none was recorded)."""
+        return {item["base_dtype"]: item["fingerprint"] for item in self.results(ref)}
+
+    def results(self, ref: str | Reference) -> list[dict[str, Any]]:
+        """The recorded results of the version ``ref`` names, by dtype: ``base_dtype``, ``fingerprint``,
+        ``actor``, ``created_at``."""
+        return list(request_json(self._http, "GET", self._version_path(ref, "results"))["results"])
 
     def _policy_path(self, repo: str, alias: str) -> str:
         return self._alias_path(RepoName.parse(repo), validate_alias(alias)) + "/policy"

@@ -31,11 +31,13 @@ This module needs torch; the rest of the library imports without it.
 
 from __future__ import annotations
 
+import json
+import math
 import os
-import secrets
 import shutil
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -44,14 +46,33 @@ from typing import BinaryIO, Literal
 import torch
 from safetensors import safe_open
 
-from deltareg.client.errors import BaseMismatch, InvalidAdapter, InvalidInput, InvalidManifest, InvalidModel
+from deltareg.client.dense import (
+    FILES_FOLDER,
+    DenseParams,
+    DenseTarget,
+    check_dense_against_base,
+    check_stored_tensors,
+)
+from deltareg.client.dense import targets_from_params as dense_targets_from_params
+from deltareg.client.diff import apply_entry, decode
+from deltareg.client.errors import (
+    BaseMismatch,
+    InvalidAdapter,
+    InvalidInput,
+    InvalidManifest,
+    InvalidModel,
+    ResultMismatch,
+)
 from deltareg.client.fingerprint import (
     FingerprintCache,
     ModelFingerprint,
     TensorInfo,
+    combine,
     fingerprint_path,
     fingerprint_state_dict,
+    is_fingerprint,
     safetensors_dtype,
+    tensor_digest,
     tensor_digests,
     tensor_digests_of_state_dict,
 )
@@ -68,7 +89,16 @@ from deltareg.client.lora import (
     targets_from_params,
 )
 from deltareg.client.manifest import PICKLE_SUFFIXES, Manifest
-from deltareg.client.weights import SafetensorsHeader, TensorEntry, find_weight_files, read_header_file
+from deltareg.client.outputs import refuse_existing_output, write_atomically
+from deltareg.client.weights import (
+    SAFETENSORS_DTYPES,
+    SafetensorsHeader,
+    TensorEntry,
+    encode_header,
+    find_index,
+    find_weight_files,
+    read_header_file,
+)
 
 VerifyMode = Literal["full", "touched"]
 VERIFY_MODES: tuple[VerifyMode, ...] = ("full", "touched")
@@ -77,9 +107,13 @@ BLOCK_ELEMENTS = 1 << 20
 COPY_CHUNK = 16 << 20
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B), as stored in the adapter file
-# One change of a base tensor: the target and its tensors from the adapter file: (A, B) for a LoraTarget
-# ((A, B, lora_magnitude_vector) with DoRA), (lora_B.bias,) for a BiasTarget, (the copy,) for a ReplaceTarget.
-Merge = tuple[Target, tuple[torch.Tensor, ...]]
+AnyTarget = Target | DenseTarget
+# One change of a base tensor: the target and its tensors from the delta file: (A, B) for a LoraTarget
+# ((A, B, lora_magnitude_vector) with DoRA), (lora_B.bias,) for a BiasTarget, (the copy,) for a ReplaceTarget,
+# the decoded stored tensors for a DenseTarget (data, then fix_index and fix_value if any). A dense entry's
+# tensors may come as a function that decodes them when needed (file to file: one tensor in memory at a time).
+Tensors = tuple[torch.Tensor, ...]
+Merge = tuple[AnyTarget, Tensors | Callable[[], Tensors]]
 # Base tensor name -> its changes, in chain order (oldest version first), each step's replacement first.
 Merges = dict[str, list[Merge]]
 
@@ -99,6 +133,9 @@ class ApplyResult:
     output: Path
     tensors_changed: int
     files_written: list[str]  # relative to ``output``, sorted
+    # The merged model's fingerprint (tmv1): computed from the base's tensor digests and the written tensors;
+    # None in fast mode (verify="touched") unless an expected fingerprint was given.
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,15 +260,23 @@ def apply_to_state_dict(
 
 
 def apply_steps_to_state_dict(
-    state: MutableMapping[str, torch.Tensor], steps: Sequence[Step], *, verify: VerifyMode = "full"
+    state: MutableMapping[str, torch.Tensor],
+    steps: Sequence[Step],
+    *,
+    verify: VerifyMode = "full",
+    replace_tensors: bool = True,
 ) -> None:
     """Apply a chain of versions (oldest first) to a state dict in place, each step rounded to the dtype.
+
+    A dense delta that adds a tensor or changes one's shape or dtype puts a new tensor in ``state`` under
+    that name (the only way to change a shape); with ``replace_tensors=False`` (a module's state dict,
+    whose new entries would reach nothing) such a delta is refused before anything changes.
 
     Raises:
         BaseMismatch: the state dict is not the chain's base, or a step's target does not fit it; nothing
             was modified.
-        InvalidManifest: the steps do not form a chain on one base; InvalidAdapter, InvalidSafetensors: a
-            version is not usable.
+        InvalidManifest: the steps do not form a chain on one base; InvalidAdapter, InvalidDelta,
+            InvalidSafetensors: a version is not usable; InvalidInput: see ``replace_tensors``.
     """
     plans = _plan(steps, verify)
     # Detached views share the tensors' memory; non-tensor entries (a module's "_extra_state") are not
@@ -239,9 +284,11 @@ def apply_steps_to_state_dict(
     detached = {name: value.detach() for name, value in state.items() if isinstance(value, torch.Tensor)}
     specs = {name: _spec_of(tensor) for name, tensor in detached.items()}
     for _, targets in plans:
-        check_against_base(targets, specs)
+        _check_fit(targets, specs)
         _refuse_tied_replacements(targets, detached)
-    merges = _load_merges(plans)
+        if not replace_tensors:
+            _refuse_layout_changes(targets)
+    merges = _load_merges(plans, lazy=False)
     if verify == "full":
         _verify_fingerprint(steps[-1].manifest, fingerprint_state_dict(detached))
     else:
@@ -249,33 +296,62 @@ def apply_steps_to_state_dict(
         _verify_touched(expected, tensor_digests_of_state_dict(detached, expected))
     with torch.no_grad():
         for name, merges_of_tensor in merges.items():
-            _merge_all(detached[name], merges_of_tensor)
+            weight = detached.get(name)
+            merged = _merge_all(weight, merges_of_tensor)
+            if merged is not weight:
+                state[name] = merged
 
 
-def _merge_all(weight: torch.Tensor, merges: Sequence[Merge]) -> None:
-    """Each change in turn, each rounded to the weight's dtype: what merging the versions one by one does."""
-    for target, tensors in merges:
-        if isinstance(target, ReplaceTarget):
-            weight.copy_(tensors[0])  # same dtype and shape (checked): the saved bytes
-        elif isinstance(target, BiasTarget):
-            # PEFT: base_layer.bias.data += lora_B.bias * scaling, with the fp32 (autocast) LoRA bias.
-            _add_rounded(weight, tensors[0].to(device=weight.device, dtype=torch.float32) * target.scale)
-        elif target.magnitude is not None:
-            lora_a, lora_b, magnitude = tensors
-            merge_dora_into(weight, lora_a, lora_b, magnitude, target.scale, fan_in_fan_out=target.transposed)
-        else:
-            lora_a, lora_b = tensors
-            merge_lora_into(
-                weight,
-                lora_a,
-                lora_b,
-                target.scale,
-                fan_in_fan_out=target.transposed,
-                round_delta=target.layer == EMBEDDING,
-            )
+def _merge_all(weight: torch.Tensor | None, merges: Sequence[Merge]) -> torch.Tensor:
+    """Each change in turn, each rounded to the weight's dtype: what merging the versions one by one does.
+
+    Returns the merged tensor: ``weight`` itself, changed in place, unless a dense delta gave the tensor a
+    new shape or dtype (or added it: ``weight`` is None).
+    """
+    for target, payload in merges:
+        tensors = payload() if callable(payload) else payload
+        if isinstance(target, DenseTarget):
+            weight = apply_entry(weight, target.entry, tensors)
+            continue
+        if weight is None:
+            raise InvalidManifest(f"{target.base_tensor}: a LoRA change of a tensor the base does not have")
+        _merge_lora_target(weight, target, tensors)
+    if weight is None:
+        raise InvalidManifest("no change produced a tensor")
+    return weight
 
 
-def _refuse_tied_replacements(targets: Sequence[Target], tensors: Mapping[str, torch.Tensor]) -> None:
+def _merge_lora_target(weight: torch.Tensor, target: Target, tensors: Tensors) -> None:
+    if isinstance(target, ReplaceTarget):
+        weight.copy_(tensors[0])  # same dtype and shape (checked): the saved bytes
+    elif isinstance(target, BiasTarget):
+        # PEFT: base_layer.bias.data += lora_B.bias * scaling, with the fp32 (autocast) LoRA bias.
+        _add_rounded(weight, tensors[0].to(device=weight.device, dtype=torch.float32) * target.scale)
+    elif target.magnitude is not None:
+        lora_a, lora_b, magnitude = tensors
+        merge_dora_into(weight, lora_a, lora_b, magnitude, target.scale, fan_in_fan_out=target.transposed)
+    else:
+        lora_a, lora_b = tensors
+        merge_lora_into(
+            weight,
+            lora_a,
+            lora_b,
+            target.scale,
+            fan_in_fan_out=target.transposed,
+            round_delta=target.layer == EMBEDDING,
+        )
+
+
+def _refuse_layout_changes(targets: Sequence[AnyTarget]) -> None:
+    changed = [t.base_tensor for t in targets if isinstance(t, DenseTarget) and t.entry.changes_layout]
+    if changed:
+        raise InvalidInput(
+            f"this delta adds or resizes tensors ({', '.join(changed[:5])}), which a module cannot take in "
+            "place: apply it file to file (deltareg apply ... -o OUT, Registry.apply) or to a state dict"
+        )
+
+
+def _refuse_tied_replacements(targets: Sequence[AnyTarget], tensors: Mapping[str, torch.Tensor]) -> None:
     """A replaced tensor tied to another (shared storage) cannot be replaced in place without changing the
     other one too, which PEFT does not do (its modules_to_save copy is a separate tensor). The embedding PEFT
     saves beside embedding LoRA is loaded into the (tied) base layer itself, so it may be tied."""
@@ -314,7 +390,8 @@ def apply_to_module(
         InvalidManifest, InvalidAdapter, InvalidSafetensors: the version itself is not usable.
     """
     # keep_vars: the live parameters, so that in-place writes land in the module itself.
-    apply_to_state_dict(module.state_dict(keep_vars=True), version_dir, manifest, verify=verify)
+    steps = [Step(Path(version_dir), manifest)]
+    apply_steps_to_state_dict(module.state_dict(keep_vars=True), steps, verify=verify, replace_tensors=False)
 
 
 def _spec_of(tensor: torch.Tensor) -> _Spec:
@@ -337,24 +414,32 @@ def apply_files(
     *,
     verify: VerifyMode = "full",
     cache: FingerprintCache | None = None,
+    expect: str | None = None,
 ) -> ApplyResult:
-    """Write the base model with the LoRA version merged into a new folder ``out``.
+    """Write the base model with the version merged into a new folder ``out``.
 
     ``base`` is a model folder (sharded or not) or one ``.safetensors`` file. Every weight file is written
     under the same name with the same header (same tensors, dtypes, shapes, offsets, ``__metadata__``);
     untouched tensors are copied as bytes and changed ones are merged one at a time, so memory stays near
-    one tensor. The other files of the folder (config, tokenizer, the index) are copied byte for byte;
-    pickles, hidden files, sub-folders and ``.safetensors`` files that are not part of the weights (e.g. a
-    stale consolidated copy) are left out. Everything is written to a temporary folder beside ``out`` and
-    renamed into place, so ``out`` never exists half-written.
+    one tensor. A dense delta that adds or resizes tensors changes the headers accordingly (a new tensor
+    goes into the last weight file, and the index follows), and the files it carries (a new config.json,
+    tokenizer files) replace the base's. The other files of the folder (config, tokenizer, the index) are
+    copied byte for byte; pickles, hidden files, sub-folders and ``.safetensors`` files that are not part of
+    the weights (e.g. a stale consolidated copy) are left out. Everything is written to a temporary folder
+    beside ``out`` and renamed into place, so ``out`` never exists half-written.
+
+    The merged model's fingerprint is returned (``ApplyResult.fingerprint``); with ``expect``, a different
+    one raises ResultMismatch and nothing is left at ``out``.
 
     Raises:
         InvalidInput: ``out`` exists and is not an empty folder.
         BaseMismatch: ``base`` is not the model this version was made for; nothing was created.
+        ResultMismatch: the merged model is not ``expect``; nothing was created.
         InvalidModel, InvalidSafetensors, UnsafeFile: the base folder is unusable.
-        InvalidManifest, InvalidAdapter: the version itself is not usable.
+        InvalidManifest, InvalidAdapter, InvalidDelta: the version itself is not usable.
     """
-    return apply_steps_files(base, [Step(Path(version_dir), manifest)], out, verify=verify, cache=cache)
+    steps = [Step(Path(version_dir), manifest)]
+    return apply_steps_files(base, steps, out, verify=verify, cache=cache, expect=expect)
 
 
 def apply_steps_files(
@@ -364,34 +449,66 @@ def apply_steps_files(
     *,
     verify: VerifyMode = "full",
     cache: FingerprintCache | None = None,
+    expect: str | None = None,
 ) -> ApplyResult:
     """``apply_files`` for a chain of versions (oldest first), in one pass: each changed tensor is read
     once, merged with every step in turn (each rounded to its dtype) and written; memory stays near one
-    tensor plus the chain's LoRA factors. Everything is checked before anything is written."""
+    tensor plus the chain's LoRA factors. Everything is checked before anything is written.
+
+    The result fingerprint needs every base tensor's digest: the whole-base check has them; in fast mode
+    (``verify="touched"``) it is computed only for ``expect`` (from the fingerprint cache when it can)."""
+    if expect is not None and not is_fingerprint(expect):
+        raise InvalidInput(f"expected fingerprint {expect!r} is not of the form tmv1:<64 hex digits>")
     plans = _plan(steps, verify)
     output = Path(out)
-    _refuse_existing_output(output)
+    refuse_existing_output(output)
     weight_files = find_weight_files(base)
     headers = {path: read_header_file(path) for path in weight_files}
     specs = _specs_of_files(headers)
     for _, targets in plans:
-        check_against_base(targets, specs)
-    merges = _load_merges(plans)
+        _check_fit(targets, specs)
+    merges = _load_merges(plans, lazy=True)
+    base_digests: Mapping[str, TensorInfo] | None = None
     if verify == "full":
-        _verify_fingerprint(steps[-1].manifest, fingerprint_path(base, cache=cache))
+        fingerprint = fingerprint_path(base, cache=cache)
+        _verify_fingerprint(steps[-1].manifest, fingerprint)
+        base_digests = fingerprint.tensors
     else:
         expected = _chain_touched_digests(plans)
         _verify_touched(expected, tensor_digests(base, expected, cache=cache))
-    folder = Path(base) if Path(base).is_dir() else None
-    written = _write_atomically(output, lambda temp: _write_model(folder, headers, merges, temp))
-    return ApplyResult(output=output, tensors_changed=len(merges), files_written=written)
+        if expect is not None:
+            base_digests = fingerprint_path(base, cache=cache).tensors
+    model = _ModelFiles(Path(base) if Path(base).is_dir() else None, headers, _overlays(steps))
+
+    def write(temp: Path) -> tuple[list[str], str | None]:
+        written, changed = _write_model(model, merges, temp, hash_changed=base_digests is not None)
+        result = None if base_digests is None else combine({**base_digests, **changed})
+        if expect is not None and result != expect:
+            raise ResultMismatch(
+                f"the merged model has fingerprint {result}, but {expect} was expected; nothing was written"
+            )
+        return written, result
+
+    written, result = write_atomically(output, write)
+    return ApplyResult(output=output, tensors_changed=len(merges), files_written=written, fingerprint=result)
 
 
-def _refuse_existing_output(output: Path) -> None:
-    if output.is_dir() and not any(output.iterdir()):
-        return
-    if output.exists() or output.is_symlink():
-        raise InvalidInput(f"{output}: already exists and is not an empty folder; choose a new output path")
+@dataclass(frozen=True)
+class _ModelFiles:
+    folder: Path | None  # None: a single .safetensors file
+    headers: Mapping[Path, SafetensorsHeader]  # every weight file, in order
+    overlays: list[Path]  # files the versions carry that replace the base's (dense deltas' files/*)
+
+
+def _overlays(steps: Sequence[Step]) -> list[Path]:
+    """The files each dense step carries, a later step's winning over an earlier one's of the same name."""
+    by_name: dict[str, Path] = {}
+    for step in steps:
+        if step.manifest.kind == "full":
+            for entry in step.manifest.files:
+                if entry.path.startswith(FILES_FOLDER + "/"):
+                    by_name[entry.path.removeprefix(FILES_FOLDER + "/")] = step.path / entry.path
+    return [by_name[name] for name in sorted(by_name)]
 
 
 def _specs_of_files(headers: Mapping[Path, SafetensorsHeader]) -> dict[str, TensorEntry]:
@@ -405,39 +522,86 @@ def _specs_of_files(headers: Mapping[Path, SafetensorsHeader]) -> dict[str, Tens
     return specs
 
 
-def _write_atomically(output: Path, write: Callable[[Path], list[str]]) -> list[str]:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.parent / f".{output.name}.tmp-{secrets.token_hex(6)}"
-    temp.mkdir()
-    try:
-        written = write(temp)
-        if output.is_dir():
-            output.rmdir()  # an empty folder the caller made for us; a non-empty one makes this fail
-        temp.rename(output)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return written
+Layout = list[tuple[str, str, tuple[int, ...]]]  # (name, dtype, shape) of a weight file's tensors, in order
 
 
 def _write_model(
-    folder: Path | None,
-    headers: Mapping[Path, SafetensorsHeader],
-    merges: Mapping[str, Sequence[Merge]],
-    temp: Path,
-) -> list[str]:
-    """Write every weight file (merged) and, for a folder, its other files; return the relative paths."""
-    written = []
-    for path, header in headers.items():
-        relative = path.relative_to(folder) if folder is not None else Path(path.name)
-        destination = temp / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        _write_weight_file(path, header, merges, destination)
-        written.append(relative.as_posix())
-    for path in _other_files(folder, headers) if folder is not None else []:
+    model: _ModelFiles, merges: Mapping[str, Sequence[Merge]], temp: Path, *, hash_changed: bool
+) -> tuple[list[str], dict[str, TensorInfo]]:
+    """Write every weight file (merged) and, for a folder, its other files; return the relative paths
+    written and, with ``hash_changed``, the digests of the tensors that changed."""
+    layouts = _output_layouts(model.headers, merges)
+    written, changed = [], {}
+    with ThreadPoolExecutor(max_workers=1) as hasher:  # hashes a written tensor while the next is merged
+        for path, header in model.headers.items():
+            relative = path.relative_to(model.folder) if model.folder is not None else Path(path.name)
+            destination = temp / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            changed.update(
+                _write_weight_file(
+                    path, header, layouts[path], merges, destination, hasher if hash_changed else None
+                )
+            )
+            written.append(relative.as_posix())
+    index = find_index(model.folder) if model.folder is not None else None
+    for path in _other_files(model.folder, model.headers) if model.folder is not None else []:
+        if path == index and any(_layout_of(h) != layouts[p] for p, h in model.headers.items()):
+            _write_index(path, layouts, model, temp / path.name)
+        else:
+            shutil.copyfile(path, temp / path.name)
+        written.append(path.name)
+    for path in model.overlays:
         shutil.copyfile(path, temp / path.name)
         written.append(path.name)
-    return sorted(written)
+    return sorted(set(written)), changed
+
+
+def _layout_of(header: SafetensorsHeader) -> Layout:
+    return [(name, entry.dtype, entry.shape) for name, entry in header.tensors.items()]
+
+
+def _output_layouts(
+    headers: Mapping[Path, SafetensorsHeader], merges: Mapping[str, Sequence[Merge]]
+) -> dict[Path, Layout]:
+    """Each output weight file's tensors: the base's, with the dtype and shape a dense delta gives them;
+    tensors a delta adds go at the end of the last file."""
+    layouts: dict[Path, Layout] = {}
+    for path, header in headers.items():
+        layouts[path] = [
+            (name, *_final_layout(merges.get(name, ()), entry.dtype, entry.shape))
+            for name, entry in header.tensors.items()
+        ]
+    present = {name for header in headers.values() for name in header.tensors}
+    added = sorted(name for name in merges if name not in present)
+    last = list(headers)[-1]
+    layouts[last] += [(name, *_final_layout(merges[name], "", ())) for name in added]
+    return layouts
+
+
+def _final_layout(merges: Sequence[Merge], dtype: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    for target, _ in merges:
+        if isinstance(target, DenseTarget):
+            dtype, shape = target.entry.dtype, target.entry.shape
+    return dtype, shape
+
+
+def _write_index(index: Path, layouts: Mapping[Path, Layout], model: _ModelFiles, destination: Path) -> None:
+    """The base's index with the weight map and total size of the files as written (other keys kept)."""
+    assert model.folder is not None
+    data = json.loads(index.read_bytes())
+    data["weight_map"] = {
+        name: path.relative_to(model.folder).as_posix()
+        for path, layout in layouts.items()
+        for name, _, _ in layout
+    }
+    total = sum(
+        math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+        for layout in layouts.values()
+        for _, dtype, shape in layout
+    )
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    data["metadata"] = {**metadata, "total_size": total}
+    destination.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _other_files(folder: Path, headers: Mapping[Path, SafetensorsHeader]) -> list[Path]:
@@ -457,29 +621,54 @@ def _other_files(folder: Path, headers: Mapping[Path, SafetensorsHeader]) -> lis
 def _write_weight_file(
     source: Path,
     header: SafetensorsHeader,
+    layout: Layout,
     merges: Mapping[str, Sequence[Merge]],
     destination: Path,
-) -> None:
-    """Copy ``source`` to ``destination`` byte for byte, except the targets' bytes, which are merged."""
+    hasher: ThreadPoolExecutor | None,
+) -> dict[str, TensorInfo]:
+    """Write ``layout``'s tensors: the untouched ones copied byte for byte from ``source``, the changed ones
+    merged. The header is copied as it is when the layout is the source's, else written anew (same
+    ``__metadata__``). Returns the changed tensors' digests when a ``hasher`` is given."""
     if sys.byteorder != "little":  # safetensors is little-endian; torch's memory here would not be
         raise InvalidInput("applying to safetensors files needs a little-endian machine")
+    digests: dict[str, Future[TensorInfo]] = {}
     with (
         open(source, "rb") as src,
         open(destination, "wb") as dst,
         safe_open(source, framework="pt") as tensors,
     ):
-        _copy_range(src.fileno(), dst, 0, header.data_start)
-        for name, entry in header.tensors.items():  # in offset order: the file is written sequentially
+        if layout == _layout_of(header):
+            _copy_range(src.fileno(), dst, 0, header.data_start)
+        else:
+            dst.write(encode_header(layout, header.metadata))
+        for name, dtype, shape in layout:  # in offset order: the file is written sequentially
             merges_of_tensor = merges.get(name)
             if merges_of_tensor is None:
+                entry = header.tensors[name]
                 _copy_range(src.fileno(), dst, entry.start, entry.nbytes)
                 continue
-            weight = tensors.get_tensor(name)
-            _merge_all(weight, merges_of_tensor)
-            dst.write(memoryview(weight.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            weight = tensors.get_tensor(name) if name in header.tensors else None
+            merged = _merge_all(weight, merges_of_tensor)
+            data: memoryview = merged.contiguous().reshape(-1).view(torch.uint8).numpy().data
+            if _spec_of(merged) != _Spec(dtype, shape):
+                raise InvalidManifest(
+                    f"{name}: the merge gave {_spec_of(merged)}, expected {dtype} {list(shape)}"
+                )
+            dst.write(data)
+            if hasher is not None:
+                digests[name] = hasher.submit(_digest_job, dtype, shape, data)
         size = dst.tell()
-    if size != os.path.getsize(source):
-        raise InvalidModel(f"{source}: wrote {size} bytes but the file has {os.path.getsize(source)}")
+    expected = (
+        len(encode_header(layout, header.metadata)) if layout != _layout_of(header) else header.data_start
+    )
+    expected += sum(math.prod(shape) * SAFETENSORS_DTYPES[dtype] for _, dtype, shape in layout)
+    if size != expected:
+        raise InvalidModel(f"{source}: wrote {size} bytes for {destination.name} but expected {expected}")
+    return {name: future.result() for name, future in digests.items()}
+
+
+def _digest_job(dtype: str, shape: tuple[int, ...], data: memoryview) -> TensorInfo:
+    return TensorInfo(dtype, shape, tensor_digest(dtype, shape, data))
 
 
 def _copy_range(src_fd: int, dst: BinaryIO, offset: int, length: int) -> None:
@@ -497,7 +686,10 @@ def _copy_range(src_fd: int, dst: BinaryIO, offset: int, length: int) -> None:
 # Checks shared by both paths
 
 
-def _plan(steps: Sequence[Step], verify: str) -> list[tuple[Step, list[Target]]]:
+Plan = list[tuple[Step, list[AnyTarget]]]
+
+
+def _plan(steps: Sequence[Step], verify: str) -> Plan:
     """Every step's targets, once the steps are known to form a chain on one base (oldest first)."""
     if not steps:
         raise InvalidInput("nothing to apply: the chain has no versions")
@@ -521,17 +713,56 @@ def _plan(steps: Sequence[Step], verify: str) -> list[tuple[Step, list[Target]]]
     return [(step, _targets(step.manifest, verify)) for step in steps]
 
 
-def _load_merges(plans: Sequence[tuple[Step, list[Target]]]) -> Merges:
-    """Every step's tensors (checked), grouped by the base tensor they change, in chain order."""
+def _check_fit(targets: Sequence[AnyTarget], specs: Mapping[str, _Spec | TensorEntry]) -> None:
+    """Every target fits the base (BaseMismatch listing every problem); a version has one kind of target."""
+    check_against_base([t for t in targets if not isinstance(t, DenseTarget)], specs)
+    check_dense_against_base([t for t in targets if isinstance(t, DenseTarget)], specs)
+
+
+def _load_merges(plans: Plan, *, lazy: bool) -> Merges:
+    """Every step's tensors (checked), grouped by the base tensor they change, in chain order.
+
+    With ``lazy``, a dense step's tensors are decoded only when its merge runs (file to file: one at a
+    time, and the output is thrown away if one does not decode); otherwise every one is decoded now, before
+    anything is modified."""
     merges: Merges = {}
     for step, targets in plans:
-        loaded = load_tensors(step.path, step.manifest, targets)
-        for target, tensors in zip(targets, loaded, strict=True):
-            merges.setdefault(target.base_tensor, []).append((target, tensors))
+        payloads: Sequence[Tensors | Callable[[], Tensors]]
+        if step.manifest.kind == "full":
+            loaders = _dense_loaders(step, [t for t in targets if isinstance(t, DenseTarget)])
+            payloads = loaders if lazy else [load() for load in loaders]
+        else:
+            payloads = load_tensors(
+                step.path, step.manifest, [t for t in targets if not isinstance(t, DenseTarget)]
+            )
+        for target, payload in zip(targets, payloads, strict=True):
+            merges.setdefault(target.base_tensor, []).append((target, payload))
     return merges
 
 
-def _chain_touched_digests(plans: Sequence[tuple[Step, list[Target]]]) -> dict[str, str]:
+def _dense_loaders(step: Step, targets: Sequence[DenseTarget]) -> list[Callable[[], Tensors]]:
+    """One function per target decoding its stored tensors, once the weights file is known to hold them."""
+    weights = str(step.manifest.params.get("weights"))
+    if weights not in {entry.path for entry in step.manifest.files}:
+        raise InvalidManifest(f"the dense weights file {weights!r} is not one of the version's files")
+    path = step.path / weights
+    params = DenseParams.parse(step.manifest.params, "manifest params")
+    check_stored_tensors(params, read_header_file(path), str(path))
+
+    def loader(target: DenseTarget) -> Callable[[], Tensors]:
+        entry = target.entry
+        stored = [s for s in (entry.data, entry.fix_index, entry.fix_value) if s is not None]
+
+        def load() -> Tensors:
+            with safe_open(path, framework="pt") as handle:
+                return tuple(decode(handle, s) for s in stored)
+
+        return load
+
+    return [loader(target) for target in targets]
+
+
+def _chain_touched_digests(plans: Plan) -> dict[str, str]:
     """The base tensor digests every step recorded, merged; the steps must agree (one base)."""
     expected: dict[str, str] = {}
     for step, targets in plans:
@@ -544,13 +775,14 @@ def _chain_touched_digests(plans: Sequence[tuple[Step, list[Target]]]) -> dict[s
     return expected
 
 
-def _targets(manifest: Manifest, verify: str) -> list[Target]:
+def _targets(manifest: Manifest, verify: str) -> list[AnyTarget]:
     if verify not in VERIFY_MODES:
         raise InvalidInput(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    if manifest.kind == "full":
+        return list(dense_targets_from_params(manifest.params))
     if manifest.kind != "lora":
-        raise InvalidManifest(f"cannot apply a delta of kind {manifest.kind!r} as LoRA")
-    targets: list[Target] = targets_from_params(manifest.params)
-    return targets
+        raise InvalidManifest(f"cannot apply a delta of kind {manifest.kind!r}")
+    return list(targets_from_params(manifest.params))
 
 
 def load_factors(version_dir: Path, manifest: Manifest, targets: Sequence[Target]) -> Factors:
@@ -635,14 +867,16 @@ def _verify_fingerprint(manifest: Manifest, fingerprint: ModelFingerprint) -> No
     )
 
 
-def _touched_digests(manifest: Manifest, targets: Sequence[Target]) -> dict[str, str]:
+def _touched_digests(manifest: Manifest, targets: Sequence[AnyTarget]) -> dict[str, str]:
     recorded = manifest.base.tensors
     if not recorded:
         raise InvalidManifest(
             "this version records no base tensor digests (it was pushed with a fingerprint only), so "
             "verify='touched' cannot check it; use verify='full'"
         )
-    unrecorded = [t.base_tensor for t in targets if t.base_tensor not in recorded]
+    # A tensor a dense delta adds has no base digest to check.
+    reads_base = [t for t in targets if not (isinstance(t, DenseTarget) and t.entry.is_new)]
+    unrecorded = [t.base_tensor for t in reads_base if t.base_tensor not in recorded]
     if unrecorded:
         raise InvalidManifest(
             f"this version records no base digest for {', '.join(unrecorded[:5])}; use verify='full'"

@@ -89,9 +89,12 @@ def apply_pulled(
 
     from deltareg.client.apply import apply_steps_to_state_dict
 
-    # keep_vars: the live parameters, so that in-place writes land in the module itself.
-    state = model.state_dict(keep_vars=True) if isinstance(model, torch.nn.Module) else model
-    apply_steps_to_state_dict(state, steps_of(pulled), verify=verify)
+    if isinstance(model, torch.nn.Module):
+        # keep_vars: the live parameters, so that in-place writes land in the module itself.
+        state = model.state_dict(keep_vars=True)
+        apply_steps_to_state_dict(state, steps_of(pulled), verify=verify, replace_tensors=False)
+    else:
+        apply_steps_to_state_dict(model, steps_of(pulled), verify=verify)
 
 
 def apply_pulled_files(
@@ -100,8 +103,11 @@ def apply_pulled_files(
     output: str | os.PathLike[str],
     *,
     verify: VerifyMode = "full",
+    expect: str | None = None,
 ) -> ApplyResult:
     """Write base + the pulled version's chain to ``output`` (nothing is written if anything is wrong)."""
     from deltareg.client.apply import apply_steps_files
 
-    return apply_steps_files(base, steps_of(pulled), output, verify=verify, cache=pulled.fingerprints)
+    return apply_steps_files(
+        base, steps_of(pulled), output, verify=verify, cache=pulled.fingerprints, expect=expect
+    )

@@ -70,6 +70,12 @@ class InvalidModel(InvalidInput):
     code = "invalid_model"
 
 
+class InvalidDelta(InvalidInput):
+    """A dense delta folder (``deltareg diff`` output) or its parameters are malformed."""
+
+    code = "invalid_delta"
+
+
 class UnsafeFile(InvalidInput):
     """A pickle-based weight file (.bin, .pt, …): deltareg never unpickles."""
 
@@ -150,6 +156,12 @@ class DigestMismatch(VerificationFailed):
 
 class BaseMismatch(VerificationFailed):
     code = "base_mismatch"
+
+
+class ResultMismatch(VerificationFailed):
+    """The merged model's fingerprint is not the one expected (``apply --expect``)."""
+
+    code = "result_mismatch"
 
 
 class AuditChainBroken(VerificationFailed):

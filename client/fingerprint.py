@@ -268,28 +268,33 @@ def _hash_files(
         jobs: list[_Job[tuple[Path, str]]] = []
         order: dict[Path, list[str]] = {}
         for path in files:
-            header, view = stack.enter_context(_mapped(path))
+            header, view, release = stack.enter_context(_mapped(path))
             names = [n for n in header.tensors if only is None or n in only]
             order[path] = names
-            jobs += [_file_job(path, header, view, name) for name in names]
+            jobs += [_file_job(path, header, view, release, name) for name in names]
         results = _run_largest_first(jobs, workers)
     return {path: {name: results[(path, name)] for name in names} for path, names in order.items()}
 
 
-def _file_job(path: Path, header: SafetensorsHeader, view: memoryview, name: str) -> _Job[tuple[Path, str]]:
+def _file_job(
+    path: Path, header: SafetensorsHeader, view: memoryview, release: Callable[[int, int], None], name: str
+) -> _Job[tuple[Path, str]]:
     entry = header.tensors[name]
 
     def run() -> TensorInfo:
         # The slice is released at once: the mapping cannot be closed while a slice of it is alive.
         with view[entry.start : entry.end] as data:
-            return TensorInfo(entry.dtype, entry.shape, tensor_digest(entry.dtype, entry.shape, data))
+            digest = tensor_digest(entry.dtype, entry.shape, data)
+        release(entry.start, entry.end)
+        return TensorInfo(entry.dtype, entry.shape, digest)
 
     return _Job((path, name), entry.nbytes, run)
 
 
 @contextmanager
-def _mapped(path: Path) -> Iterator[tuple[SafetensorsHeader, memoryview]]:
-    """A file's validated header and a zero-copy view of the whole file."""
+def _mapped(path: Path) -> Iterator[tuple[SafetensorsHeader, memoryview, Callable[[int, int], None]]]:
+    """A file's validated header, a zero-copy view of the whole file and a ``release(start, end)`` that
+    unmaps the pages of a hashed range from this process (see ``_releaser``)."""
     try:
         handle = open(path, "rb")
     except OSError as exc:
@@ -307,9 +312,32 @@ def _mapped(path: Path) -> Iterator[tuple[SafetensorsHeader, memoryview]]:
         if sequential is not None:
             mapping.madvise(sequential)
         with memoryview(mapping) as view:
-            yield header, view
+            yield header, view, _releaser(mapping)
     finally:
         mapping.close()
+
+
+def _releaser(mapping: mmap.mmap) -> Callable[[int, int], None]:
+    """``release(start, end)``: drop the whole pages inside ``[start, end)`` from the process's mapping.
+
+    Without it every hashed page stays mapped, and so counted in the process's RSS, until the file is
+    closed: the whole model at once, since all files are mapped together. MADV_DONTNEED on a read-only
+    shared file mapping only unmaps the pages here; they stay in the page cache, and a later read of the
+    same range (a tensor sharing an edge page) maps them again with the same bytes. Where the option does
+    not exist (Windows), nothing is released.
+    """
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)
+    if dontneed is None:
+        return lambda start, end: None
+    page = mmap.PAGESIZE
+
+    def release(start: int, end: int) -> None:
+        first = -(-start // page) * page  # whole pages only: the edge pages may belong to a neighbour
+        last = end // page * page
+        if last > first:
+            mapping.madvise(dontneed, first, last - first)
+
+    return release
 
 
 # --------------------------------------------------------------------------------------------------

@@ -407,7 +407,7 @@ def _targets_from_header(config: Mapping[str, Any], header: SafetensorsHeader) -
     problems.extend(_bias_targets(keys, lora_modules, header, config, targets))
     problems.extend(_replace_targets(keys, lora_modules, header, targets))
     if problems:
-        raise InvalidAdapter(f"{WEIGHTS_FILE}: " + _join_problems(problems))
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: " + join_problems(problems))
     if not lora_modules:
         raise InvalidAdapter(f"{WEIGHTS_FILE}: holds no LoRA weights (no *.lora_A.weight / *.lora_B.weight)")
     return sorted(targets, key=_target_order)
@@ -879,10 +879,10 @@ def check_against_base(targets: Sequence[Target], base_tensors: Mapping[str, Ten
                 f"{', '.join(sorted(BASE_DTYPES))} only"
             )
     if problems:
-        raise BaseMismatch("the adapter does not fit this base model: " + _join_problems(problems))
+        raise BaseMismatch("the adapter does not fit this base model: " + join_problems(problems))
 
 
-def _join_problems(problems: Sequence[str]) -> str:
+def join_problems(problems: Sequence[str]) -> str:
     shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
     more = len(problems) - MAX_LISTED_PROBLEMS
     return shown + (f"; and {more} more problem{'s' if more > 1 else ''}" if more > 0 else "")

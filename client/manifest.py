@@ -68,7 +68,7 @@ class BaseModelRef(_Strict):
 
 class Manifest(_Strict):
     schema_: Literal["deltareg.manifest.v1"] = Field(default=SCHEMA, alias="schema")
-    kind: Literal["lora"]
+    kind: Literal["lora", "full"]
     files: list[FileEntry] = Field(min_length=1, max_length=MAX_FILES)
     base: BaseModelRef
     parent: Digest | None = None

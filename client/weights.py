@@ -16,7 +16,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -85,6 +85,22 @@ class SafetensorsHeader:
     def data_start(self) -> int:
         """Absolute offset of the data area."""
         return 8 + self.header_len
+
+
+def encode_header(
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The start of a safetensors file (length prefix and header) whose tensors (name, dtype, shape) lie one
+    after another in the given order. The data area starts 8-byte aligned, as safetensors writes it."""
+    header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        end = offset + math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,7 +380,7 @@ def _check_single_file(path: Path) -> list[Path]:
 
 
 def _find_in_folder(folder: Path) -> list[Path]:
-    index = _find_index(folder)
+    index = find_index(folder)
     if index is not None:
         return _files_from_index(folder, index)
     # Hidden files are skipped: macOS leaves "._model.safetensors" resource forks beside real files.
@@ -387,7 +403,7 @@ def _pickle_refusal(pickles: list[Path]) -> UnsafeFile:
     )
 
 
-def _find_index(folder: Path) -> Path | None:
+def find_index(folder: Path) -> Path | None:
     indexes = sorted(p for p in folder.glob("*" + INDEX_SUFFIX) if p.is_file() and not p.name.startswith("."))
     if not indexes:
         return None

@@ -21,6 +21,7 @@ from deltareg.registry.history.routes import router as history_router
 from deltareg.registry.lineage.routes import router as lineage_router
 from deltareg.registry.migrate import check_schema, upgrade
 from deltareg.registry.policies.routes import router as policies_router
+from deltareg.registry.results.routes import router as results_router
 from deltareg.registry.search.routes import router as search_router
 from deltareg.registry.storage import open_store
 from deltareg.registry.versions.routes import router as versions_router
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(history_router)
     app.include_router(lineage_router)
     app.include_router(policies_router)
+    app.include_router(results_router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"])
     return app

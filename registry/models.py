@@ -169,6 +169,24 @@ class Eval(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class ExpectedResult(Base):
+    """The base fingerprint of the model a version yields when applied to its base in one dtype.
+
+    Recorded once per (version, base dtype) and never changed: ``apply --expect`` checks against it.
+    """
+
+    __tablename__ = "expected_results"
+    __table_args__ = (UniqueConstraint("version_id", "base_dtype"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    # A safetensors dtype name: F16, BF16, F32, F64.
+    base_dtype: Mapped[str] = mapped_column(String(8))
+    fingerprint: Mapped[str] = mapped_column(String(80))
+    actor: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 ALIAS_LENGTH = 64
 
 

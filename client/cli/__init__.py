@@ -67,4 +67,14 @@ def main() -> None:
 
 
 # Importing the command modules registers their commands on `cli`.
-from deltareg.client.cli import admin, aliases, audit, commands, evals, gc, lineage, policies  # noqa: E402,F401
+from deltareg.client.cli import (  # noqa: E402,F401
+    admin,
+    aliases,
+    audit,
+    commands,
+    evals,
+    gc,
+    lineage,
+    policies,
+    results,
+)

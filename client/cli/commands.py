@@ -14,6 +14,7 @@ from deltareg.client.cli._options import Session, parse_pairs, parse_scores, wit
 from deltareg.client.cli.audit import Moment
 from deltareg.client.cli.evals import measured_on
 from deltareg.client.cli.lineage import parse_datasets, parse_hyperparameters, training_lines
+from deltareg.client.dense import ENCODINGS, DenseParams, DenseStats, Encoding, main_dtype
 from deltareg.client.fingerprint import fingerprint_path
 from deltareg.client.refs import Reference
 
@@ -59,6 +60,65 @@ def hash_(session: Session, model: Path) -> None:
 
 
 @cli.command()
+@click.argument("base", type=EXISTING_PATH)
+@click.argument("tuned", type=EXISTING_PATH)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="New delta folder.")
+@click.option(
+    "--encoding",
+    type=click.Choice(ENCODINGS),
+    default="xor",
+    show_default=True,
+    help="xor: bits of tuned XOR bits of base; add: tuned - base in fp32 (both reproduce TUNED bit for bit).",
+)
+@click.option("--no-compress", is_flag=True, help="Store the delta tensors raw instead of zstd-compressed.")
+@with_session
+def diff(
+    session: Session, base: Path, tuned: Path, output: Path, encoding: Encoding, no_compress: bool
+) -> None:
+    """Write the dense delta (kind "full") that turns BASE into TUNED, a full fine-tune of it, to OUTPUT.
+
+    Identical tensors are left out; new or resized tensors (a resized embedding) are stored whole; files
+    of TUNED that differ from BASE's (config.json, tokenizer files) are carried along. Push OUTPUT with
+    `deltareg push OUTPUT REPO --base BASE`.
+    """
+    from deltareg.client.diff import diff_models
+
+    result = diff_models(
+        base,
+        tuned,
+        output,
+        encoding=encoding,
+        compression="none" if no_compress else "zstd",
+    )
+    params = result.params
+    replaced = sum(1 for e in params.tensors.values() if e.op == "replace")
+    for name in result.skipped_files:
+        session.note(f"skipped {name}: not a name a version can carry")
+    session.emit(
+        {
+            "output": str(result.output),
+            "tensors_changed": len(params.tensors),
+            "tensors_replaced": replaced,
+            "tensors_identical": params.stats.identical,
+            "files": params.files,
+            "changed_bytes": params.stats.changed_bytes,
+            "stored_bytes": params.stats.stored_bytes,
+            "ratio": round(params.stats.ratio, 3),
+            "result_fingerprint": params.result_fingerprint,
+            "skipped_files": result.skipped_files,
+        },
+        f"wrote {result.output}: {len(params.tensors)} tensors changed ({replaced} stored whole), "
+        f"{params.stats.identical} identical left out, {len(params.files)} files carried; "
+        f"{_compression_line(params.stats)}",
+    )
+
+
+def _compression_line(stats: DenseStats) -> str:
+    stored, changed = _size(stats.stored_bytes), _size(stats.changed_bytes)
+    return f"{stored} stored for {changed} of changed weights ({stats.ratio:.2f}x)"
+
+
+@cli.command()
 @click.argument("delta", type=EXISTING_PATH)
 @click.argument("repo")
 @click.option(
@@ -98,7 +158,8 @@ def push(
     code_commit: str | None,
     hparams: tuple[str, ...],
 ) -> None:
-    """Push a PEFT LoRA adapter folder DELTA as a new version of REPO (namespace/name)."""
+    """Push DELTA as a new version of REPO (namespace/name): a PEFT LoRA adapter folder, or a dense delta
+    folder written by `deltareg diff` (its compression ratio is shown)."""
     result = session.registry.push(
         delta,
         repo,
@@ -118,12 +179,22 @@ def push(
         human = f"pushed {v.ref} {v.digest} ({uploaded})"
     else:
         human = f"{v.ref} already holds exactly this delta {v.digest} (nothing uploaded)"
+    extra: dict[str, Any] = {}
+    if v.kind == "full":
+        stats = DenseParams.model_validate(v.manifest.params).stats
+        human += f"\ndense delta: {_compression_line(stats)}"
+        extra = {
+            "stored_bytes": stats.stored_bytes,
+            "changed_bytes": stats.changed_bytes,
+            "ratio": stats.ratio,
+        }
     session.emit(
         {
             **v.summary(),
             "created": result.created,
             "uploaded_blobs": result.uploaded_blobs,
             "uploaded_bytes": result.uploaded_bytes,
+            **extra,
         },
         human,
     )
@@ -191,21 +262,58 @@ def verify(session: Session, target: str, base: Path | None, allow_yanked: bool)
     is_flag=True,
     help="Check only the touched base tensors' digests instead of the whole fingerprint.",
 )
+@click.option(
+    "--expect",
+    default=None,
+    metavar="FINGERPRINT|recorded",
+    help='The merged model must have this fingerprint ("recorded": the one recorded on the version for the '
+    "base's dtype); otherwise exit 3 and nothing is written.",
+)
+@click.option("--record", is_flag=True, help="Record the merged model's fingerprint on the version.")
 @ALLOW_YANKED
 @with_session
-def apply(session: Session, ref: str, base: Path, output: Path, fast: bool, allow_yanked: bool) -> None:
-    """Write BASE + delta REF to OUTPUT, file to file; refuses a base the delta was not made for."""
-    result = session.registry.apply(
-        ref, base, output, verify="touched" if fast else "full", allow_yanked=allow_yanked
+def apply(
+    session: Session,
+    ref: str,
+    base: Path,
+    output: Path,
+    fast: bool,
+    expect: str | None,
+    record: bool,
+    allow_yanked: bool,
+) -> None:
+    """Write BASE + delta REF to OUTPUT, file to file; refuses a base the delta was not made for.
+
+    Prints OUTPUT and the merged model's fingerprint (with --fast, only when --expect or --record asks
+    for it, since it needs the whole base's digests)."""
+    registry = session.registry
+    if fast and record and expect is None:
+        raise click.UsageError(
+            "--record with --fast needs --expect (the fast mode does not hash the whole base)"
+        )
+    result = registry.apply(
+        ref, base, output, verify="touched" if fast else "full", allow_yanked=allow_yanked, expect=expect
     )
+    recorded = None
+    if record and result.fingerprint is not None:
+        dtype = main_dtype(fingerprint_path(base, cache=registry.fingerprints).tensors)
+        recorded = registry.record_result(ref, dtype, result.fingerprint)
     session.emit(
         {
             "ref": ref,
             "output": str(result.output),
             "tensors_changed": result.tensors_changed,
             "files": result.files_written,
+            "fingerprint": result.fingerprint,
+            "recorded": recorded,
         },
-        str(result.output),
+        "\n".join(
+            [
+                str(result.output),
+                *([f"fingerprint: {result.fingerprint}"] if result.fingerprint else []),
+                *([f"recorded as the expected result for {recorded['base_dtype']}"] if recorded else []),
+            ]
+        ),
     )
 
 
@@ -241,7 +349,11 @@ def show(session: Session, ref: str, at: datetime | None) -> None:
     """Show a version: digest, base, parent, files, parameters and metadata."""
     # A yanked version named exactly is shown (with why it was yanked): it stays readable for audit.
     info = session.registry.resolve(ref, allow_yanked=True) if at is None else _alias_at(session, ref, at)
-    session.emit({**info.summary(), "manifest": info.manifest.to_json_obj()}, lambda: _print_version(info))
+    results = session.registry.expected_results(info.ref)
+    session.emit(
+        {**info.summary(), "manifest": info.manifest.to_json_obj(), "results": results},
+        lambda: _print_version(info, results),
+    )
 
 
 def _alias_at(session: Session, ref: str, at: datetime) -> VersionInfo:
@@ -258,7 +370,7 @@ def _yank_line(yanked: dict[str, Any]) -> str:
     return f"yanked:   {yanked['reason']} ({by}{yanked['at']})"
 
 
-def _print_version(info: VersionInfo) -> None:
+def _print_version(info: VersionInfo, results: dict[str, str]) -> None:
     m = info.manifest
     base_name = f" ({m.base.name}{'@' + m.base.revision if m.base.revision else ''})" if m.base.name else ""
     lines = [
@@ -275,6 +387,13 @@ def _print_version(info: VersionInfo) -> None:
     if modules:
         ranks = sorted({int(p["r"]) for p in modules.values()})
         lines.append(f"lora:     {len(modules)} modules, r={','.join(map(str, ranks))}")
+    if info.kind == "full":
+        dense = DenseParams.model_validate(m.params)
+        lines.append(
+            f"dense:    {len(dense.tensors)} tensors ({dense.encoding}, {dense.compression}), "
+            f"{_compression_line(dense.stats)}"
+        )
+    lines += [f"result:   {dtype} base -> {fingerprint}" for dtype, fingerprint in sorted(results.items())]
     lines += [f"eval:     {e['name']}={e['value']}{measured_on(e)}" for e in info.evals]
     lines += training_lines(m.metadata)
     click.echo("\n".join(lines))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from deltareg.client.errors import InvalidAdapter, InvalidManifest, MissingBlob
+from deltareg.client import dense
+from deltareg.client.errors import InvalidAdapter, InvalidDelta, InvalidManifest, MissingBlob
 from deltareg.client.manifest import FileEntry, Manifest
-from deltareg.client.weights import read_header
+from deltareg.client.weights import SafetensorsHeader, read_header
 from deltareg.registry.blobs.repository import BlobRepository
 from deltareg.registry.storage import BlobStore
 
@@ -28,11 +29,15 @@ class ContentChecker:
         """Store checks first (no transaction is held while they read), then the database: every blob
         recorded (= verified), marked in use so garbage collection keeps it until the version commits."""
         self._check_blobs_stored(manifest.files)
-        for entry in manifest.files:
-            if entry.path.lower().endswith(".safetensors"):
-                self._check_safetensors(entry)
+        headers = {
+            entry.path: self._check_safetensors(entry)
+            for entry in manifest.files
+            if entry.path.lower().endswith(".safetensors")
+        }
         if manifest.kind == "lora":
             self._check_lora(manifest)
+        elif manifest.kind == "full":
+            self._check_dense(manifest, headers)
         self._check_blobs_recorded(manifest.files)
 
     def _check_blobs_stored(self, files: list[FileEntry]) -> None:
@@ -53,7 +58,7 @@ class ContentChecker:
             if size != entry.size:
                 raise _wrong_size(entry, size)
 
-    def _check_safetensors(self, entry: FileEntry) -> None:
+    def _check_safetensors(self, entry: FileEntry) -> SafetensorsHeader:
         # The header is read in two steps (its length, then itself); one read of the file's start
         # usually holds both, which saves a round trip to a remote store.
         start = self.store.read_range(entry.digest, 0, min(entry.size, HEADER_READ_AHEAD))
@@ -64,7 +69,7 @@ class ContentChecker:
             data: bytes = self.store.read_range(entry.digest, offset, length)
             return data
 
-        read_header(read_at, entry.size, source=entry.path)
+        return read_header(read_at, entry.size, source=entry.path)
 
     def _check_lora(self, manifest: Manifest) -> None:
         paths = {entry.path for entry in manifest.files}
@@ -73,6 +78,36 @@ class ContentChecker:
             needed = ", ".join(LORA_REQUIRED_FILES)
             raise InvalidAdapter(f"a lora version needs the files {needed}; missing: {', '.join(missing)}")
         self._check_adapter_config(manifest.file("adapter_config.json"))
+
+    def _check_dense(self, manifest: Manifest, headers: dict[str, SafetensorsHeader]) -> None:
+        """The params are a valid dense delta, equal to the version's delta_config.json, and its weights
+        file holds exactly the tensors they name; the files it carries are all in the version."""
+        paths = {entry.path for entry in manifest.files}
+        missing = [path for path in (dense.CONFIG_FILE, dense.WEIGHTS_FILE) if path not in paths]
+        if missing:
+            raise InvalidDelta(
+                f"a full version needs the files {dense.CONFIG_FILE} and {dense.WEIGHTS_FILE}; "
+                f"missing: {', '.join(missing)}"
+            )
+        params = dense.DenseParams.parse(manifest.params, "manifest params")
+        if self._read_json(manifest.file(dense.CONFIG_FILE), dense.MAX_CONFIG_BYTES) != manifest.params:
+            raise InvalidDelta(f"{dense.CONFIG_FILE} does not hold the manifest's params")
+        dense.check_stored_tensors(params, headers[dense.WEIGHTS_FILE], dense.WEIGHTS_FILE)
+        unlisted = sorted(paths - {dense.CONFIG_FILE, dense.WEIGHTS_FILE, *params.files})
+        if unlisted or not paths.issuperset(params.files):
+            raise InvalidDelta(
+                f"the version's files must be {dense.CONFIG_FILE}, {dense.WEIGHTS_FILE} and the files "
+                f"its params list; unexpected: {', '.join(unlisted) or 'none'}"
+            )
+
+    def _read_json(self, entry: FileEntry, limit: int) -> object:
+        if entry.size > limit:
+            raise InvalidDelta(f"{entry.path} is {entry.size} bytes; the limit is {limit} bytes")
+        raw = self.store.read_range(entry.digest, 0, entry.size)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise InvalidDelta(f"{entry.path} is not valid UTF-8 JSON ({exc!s:.200})") from None
 
     def _check_adapter_config(self, entry: FileEntry) -> None:
         if entry.size > MAX_ADAPTER_CONFIG_BYTES:

@@ -21,6 +21,7 @@ from deltareg.client.apply import (
     merge_lora_into,
 )
 from deltareg.client.errors import BaseMismatch, InvalidAdapter, InvalidInput, InvalidManifest
+from deltareg.client.fingerprint import fingerprint_path
 from deltareg.client.manifest import Manifest
 from deltareg.client.weights import find_weight_files, read_header_file
 
@@ -225,6 +226,8 @@ def test_apply_files_matches_peft_merge(
         output=tmp_path / "merged",
         tensors_changed=len(manifest.params["modules"]),
         files_written=sorted(entries_of(base)),
+        # computed from the base's digests and the merged tensors as written: the output's own fingerprint
+        fingerprint=fingerprint_path(tmp_path / "merged", use_cache=False).value,
     )
     assert entries_of(tmp_path) == {"merged"}  # no temporary folder left behind
     merged = load(result.output)
