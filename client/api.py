@@ -15,6 +15,7 @@ import httpx
 from deltareg.client import config
 from deltareg.client._http import make_client, request_json
 from deltareg.client.cache import VersionCache, VersionRecord, copy_folder, verify_folder
+from deltareg.client.compat import read_base_config
 from deltareg.client.dense import DenseDelta, is_dense_folder, main_dtype, read_dense_delta
 from deltareg.client.errors import (
     AliasNotFound,
@@ -368,7 +369,9 @@ class Registry:
             )
         targets = [t for t in dense.targets if not t.entry.is_new]
         touched = {t.base_tensor: fingerprint.tensors[t.base_tensor].digest for t in targets}
-        return BaseModelRef(fingerprint=expected, name=name, revision=revision, tensors=touched)
+        return BaseModelRef(
+            fingerprint=expected, name=name, revision=revision, tensors=touched, config=read_base_config(text)
+        )
 
     def _base_ref(
         self, base: str | os.PathLike[str], targets: Any, name: str | None, revision: str | None
@@ -379,7 +382,13 @@ class Registry:
         fingerprint = fingerprint_path(text, cache=self.fingerprints)
         check_against_base(targets, fingerprint.tensors)
         touched = {t.base_tensor: fingerprint.tensors[t.base_tensor].digest for t in targets}
-        return BaseModelRef(fingerprint=fingerprint.value, name=name, revision=revision, tensors=touched)
+        return BaseModelRef(
+            fingerprint=fingerprint.value,
+            name=name,
+            revision=revision,
+            tensors=touched,
+            config=read_base_config(text),
+        )
 
     @staticmethod
     def _describe_files(folder: Path, paths: list[str]) -> list[FileEntry]:

@@ -46,13 +46,9 @@ from typing import BinaryIO, Literal
 import torch
 from safetensors import safe_open
 
-from deltareg.client.dense import (
-    FILES_FOLDER,
-    DenseParams,
-    DenseTarget,
-    check_dense_against_base,
-    check_stored_tensors,
-)
+from deltareg.client import dense, lora
+from deltareg.client.compat import config_problems, module_config, read_base_config
+from deltareg.client.dense import FILES_FOLDER, DenseParams, DenseTarget, check_stored_tensors
 from deltareg.client.dense import targets_from_params as dense_targets_from_params
 from deltareg.client.diff import apply_entry, decode
 from deltareg.client.errors import (
@@ -85,10 +81,10 @@ from deltareg.client.lora import (
     LoraTarget,
     ReplaceTarget,
     Target,
-    check_against_base,
+    join_problems,
     targets_from_params,
 )
-from deltareg.client.manifest import PICKLE_SUFFIXES, Manifest
+from deltareg.client.manifest import PICKLE_SUFFIXES, BaseConfig, Manifest
 from deltareg.client.outputs import refuse_existing_output, write_atomically
 from deltareg.client.weights import (
     SAFETENSORS_DTYPES,
@@ -265,8 +261,12 @@ def apply_steps_to_state_dict(
     *,
     verify: VerifyMode = "full",
     replace_tensors: bool = True,
+    config: BaseConfig | None = None,
 ) -> None:
     """Apply a chain of versions (oldest first) to a state dict in place, each step rounded to the dtype.
+
+    ``config``: what the model's configuration says (``compat.module_config``), compared with what each
+    version recorded of its base (architecture, model type, vocabulary size); None skips that check.
 
     A dense delta that adds a tensor or changes one's shape or dtype puts a new tensor in ``state`` under
     that name (the only way to change a shape); with ``replace_tensors=False`` (a module's state dict,
@@ -283,8 +283,8 @@ def apply_steps_to_state_dict(
     # weights and are never saved as such.
     detached = {name: value.detach() for name, value in state.items() if isinstance(value, torch.Tensor)}
     specs = {name: _spec_of(tensor) for name, tensor in detached.items()}
+    _check_fit(plans, specs, config, compare_digest=False)
     for _, targets in plans:
-        _check_fit(targets, specs)
         _refuse_tied_replacements(targets, detached)
         if not replace_tensors:
             _refuse_layout_changes(targets)
@@ -381,17 +381,28 @@ def apply_to_module(
     *,
     verify: VerifyMode = "full",
 ) -> None:
-    """Apply a LoRA version to a torch module in place (its parameters' data change; nothing is replaced).
+    """Apply a version to a torch module in place (its parameters' data change; nothing is replaced).
 
     Tied weights are one tensor, changed once, and fingerprinted once under their first name, as on disk.
 
     Raises:
         BaseMismatch: the module is not the base this version was made for; nothing was modified.
-        InvalidManifest, InvalidAdapter, InvalidSafetensors: the version itself is not usable.
+        InvalidManifest, InvalidAdapter, InvalidDelta, InvalidSafetensors: the version itself is not usable.
+        InvalidInput: a dense delta that adds or resizes tensors (apply it file to file).
     """
+    apply_steps_to_module(module, [Step(Path(version_dir), manifest)], verify=verify)
+
+
+def apply_steps_to_module(
+    module: torch.nn.Module, steps: Sequence[Step], *, verify: VerifyMode = "full"
+) -> None:
+    """``apply_steps_to_state_dict`` on a module's own parameters; a transformers model's config is checked
+    against what the versions recorded of their base, and a delta that adds or resizes tensors is refused."""
     # keep_vars: the live parameters, so that in-place writes land in the module itself.
-    steps = [Step(Path(version_dir), manifest)]
-    apply_steps_to_state_dict(module.state_dict(keep_vars=True), steps, verify=verify, replace_tensors=False)
+    state = module.state_dict(keep_vars=True)
+    apply_steps_to_state_dict(
+        state, steps, verify=verify, replace_tensors=False, config=module_config(module)
+    )
 
 
 def _spec_of(tensor: torch.Tensor) -> _Spec:
@@ -465,8 +476,7 @@ def apply_steps_files(
     weight_files = find_weight_files(base)
     headers = {path: read_header_file(path) for path in weight_files}
     specs = _specs_of_files(headers)
-    for _, targets in plans:
-        _check_fit(targets, specs)
+    _check_fit(plans, specs, read_base_config(base), compare_digest=True)
     merges = _load_merges(plans, lazy=True)
     base_digests: Mapping[str, TensorInfo] | None = None
     if verify == "full":
@@ -713,10 +723,23 @@ def _plan(steps: Sequence[Step], verify: str) -> Plan:
     return [(step, _targets(step.manifest, verify)) for step in steps]
 
 
-def _check_fit(targets: Sequence[AnyTarget], specs: Mapping[str, _Spec | TensorEntry]) -> None:
-    """Every target fits the base (BaseMismatch listing every problem); a version has one kind of target."""
-    check_against_base([t for t in targets if not isinstance(t, DenseTarget)], specs)
-    check_dense_against_base([t for t in targets if isinstance(t, DenseTarget)], specs)
+def _check_fit(
+    plans: Plan, specs: Mapping[str, _Spec | TensorEntry], config: BaseConfig | None, *, compare_digest: bool
+) -> None:
+    """Every step fits the base: its tensors (present, shapes, dtypes) and the base's config as recorded at
+    push (architecture, model type, vocabulary size, and with ``compare_digest`` the whole config).
+
+    Raises:
+        BaseMismatch: listing every problem of every step at once (up to 20, then a count).
+    """
+    problems: list[str] = []
+    for step, targets in plans:
+        problems += lora.base_problems([t for t in targets if not isinstance(t, DenseTarget)], specs)
+        problems += dense.base_problems([t for t in targets if isinstance(t, DenseTarget)], specs)
+        problems += config_problems(step.manifest.base.config, config, compare_digest=compare_digest)
+    if problems:
+        unique = list(dict.fromkeys(problems))  # a chain's steps may record the same config
+        raise BaseMismatch("the delta does not fit this base model: " + join_problems(unique))
 
 
 def _load_merges(plans: Plan, *, lazy: bool) -> Merges:

@@ -87,12 +87,10 @@ def apply_pulled(
     """Apply a pulled version (and its ancestors) to a module or state dict in place."""
     import torch
 
-    from deltareg.client.apply import apply_steps_to_state_dict
+    from deltareg.client.apply import apply_steps_to_module, apply_steps_to_state_dict
 
     if isinstance(model, torch.nn.Module):
-        # keep_vars: the live parameters, so that in-place writes land in the module itself.
-        state = model.state_dict(keep_vars=True)
-        apply_steps_to_state_dict(state, steps_of(pulled), verify=verify, replace_tensors=False)
+        apply_steps_to_module(model, steps_of(pulled), verify=verify)
     else:
         apply_steps_to_state_dict(model, steps_of(pulled), verify=verify)
 

@@ -38,7 +38,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deltareg.client.errors import BaseMismatch, InvalidDelta
+from deltareg.client.errors import InvalidDelta
 from deltareg.client.lora import join_problems
 from deltareg.client.manifest import FINGERPRINT, PICKLE_SUFFIXES, check_file_path
 from deltareg.client.weights import SAFETENSORS_DTYPES, SafetensorsHeader, read_header_file
@@ -311,13 +311,9 @@ def targets_from_params(params: DenseParams | Mapping[str, Any]) -> list[DenseTa
     return [DenseTarget(name, entry) for name, entry in sorted(checked.tensors.items())]
 
 
-def check_dense_against_base(targets: Sequence[DenseTarget], base_tensors: Mapping[str, Any]) -> None:
-    """Every tensor the delta changes is in the base with the dtype and shape it was computed from, and
-    every tensor it adds is not; all problems are reported at once.
-
-    Raises:
-        BaseMismatch: listing every problem (up to 20, then a count).
-    """
+def base_problems(targets: Sequence[DenseTarget], base_tensors: Mapping[str, Any]) -> list[str]:
+    """Every tensor the delta changes must be in the base with the dtype and shape it was computed from,
+    and every tensor it adds must not be; every way that fails."""
     problems = []
     for target in targets:
         entry, spec = target.entry, base_tensors.get(target.base_tensor)
@@ -331,8 +327,7 @@ def check_dense_against_base(targets: Sequence[DenseTarget], base_tensors: Mappi
                 f"{target.base_tensor} is {spec.dtype} {list(spec.shape)}, the delta was computed from "
                 f"{entry.base_dtype} {list(entry.base_shape or ())}"
             )
-    if problems:
-        raise BaseMismatch("the dense delta does not fit this base model: " + join_problems(problems))
+    return problems
 
 
 def overlay_candidates(folder: Path) -> list[Path]:

@@ -846,12 +846,20 @@ def _replace_from_entry(
 def check_against_base(targets: Sequence[Target], base_tensors: Mapping[str, TensorSpec]) -> None:
     """Check that every target tensor exists in the base with the expected shape and dtype.
 
+    Raises:
+        BaseMismatch: listing every problem of ``base_problems`` at once (up to 20, then a count).
+    """
+    problems = base_problems(targets, base_tensors)
+    if problems:
+        raise BaseMismatch("the adapter does not fit this base model: " + join_problems(problems))
+
+
+def base_problems(targets: Sequence[Target], base_tensors: Mapping[str, TensorSpec]) -> list[str]:
+    """Every way the targets do not fit the base's tensors.
+
     A LoRA bias needs the base layer's bias: PEFT cannot merge it into a layer without one (``Linear.merge``
     raises "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias"), so neither
     do we. A replaced tensor must have the saved copy's shape and dtype.
-
-    Raises:
-        BaseMismatch: listing every problem at once (up to 20, then a count).
     """
     problems = []
     for target in targets:
@@ -878,8 +886,7 @@ def check_against_base(targets: Sequence[Target], base_tensors: Mapping[str, Ten
                 f"{target.base_tensor} has dtype {spec.dtype}; LoRA merges into "
                 f"{', '.join(sorted(BASE_DTYPES))} only"
             )
-    if problems:
-        raise BaseMismatch("the adapter does not fit this base model: " + join_problems(problems))
+    return problems
 
 
 def join_problems(problems: Sequence[str]) -> str:

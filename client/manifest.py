@@ -12,7 +12,16 @@ import re
 from typing import Annotated, Any, Final, Literal
 
 import rfc8785
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from deltareg.client.errors import InvalidManifest
 
@@ -58,12 +67,30 @@ class FileEntry(_Strict):
         return check_file_path(value)
 
 
+class BaseConfig(_Strict):
+    """What the base model's config.json says, recorded at push so that apply can check it."""
+
+    architecture: str | None = Field(default=None, max_length=256)  # "LlamaForCausalLM"
+    model_type: str | None = Field(default=None, max_length=256)  # "llama"
+    vocab_size: int | None = Field(default=None, ge=0)
+    digest: Digest  # of the config without the keys that change with tooling (see compat.normalized)
+
+
 class BaseModelRef(_Strict):
     fingerprint: str = Field(pattern=FINGERPRINT.pattern)
     name: str | None = Field(default=None, max_length=256)
     revision: str | None = Field(default=None, max_length=256)
     # Digests (hex) of the base tensors the delta reads or writes, by tensor name.
     tensors: dict[str, Annotated[str, Field(pattern=TENSOR_DIGEST.pattern)]] = Field(default_factory=dict)
+    config: BaseConfig | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_config(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Manifests made before the config was recorded must keep their JSON, hence their digest.
+        data: dict[str, Any] = handler(self)
+        if self.config is None:
+            data.pop("config", None)
+        return data
 
 
 class Manifest(_Strict):

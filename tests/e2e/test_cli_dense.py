@@ -45,6 +45,8 @@ def test_a_full_fine_tune_through_the_cli(cli, tiny_llama, lora_adapter, tmp_pat
     pushed = ok(cli("push", tmp_path / "delta", "acme/full", "--base", base))
     assert "pushed acme/full:1" in pushed.stdout
     assert "dense delta:" in pushed.stdout and f"({diffed['ratio']:.2f}x)" in pushed.stdout
+    base_ref = json.loads(ok(cli("show", "acme/full:1", "--json")).stdout)["manifest"]["base"]
+    assert base_ref["config"]["vocab_size"] == 256  # the base's config, recorded for apply to compare
     shown = ok(cli("show", "acme/full:1")).stdout
     assert "kind:     full" in shown
     assert f"result:   BF16 base -> {tuned_hash}" in shown  # recorded at push from the diff
