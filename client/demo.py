@@ -144,6 +144,43 @@ def train_lora(base: Any, steps: int = 120) -> tuple[Any, float, float]:
     return model, before, accuracy(model, held_out)
 
 
+def train_full(base_folder: Path, steps: int = 60) -> tuple[Any, float]:
+    """A full fine-tune of the saved base on the same task: every weight trained."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(base_folder)
+    generator = torch.Generator().manual_seed(2)
+    held_out, _ = batch(generator, 256)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        tokens, labels = batch(generator, 32)
+        model(input_ids=tokens, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model, accuracy(model, held_out)
+
+
+def dense_round_trip(work: Path, env: dict[str, str]) -> bool:
+    """Full fine-tune, diff, push, apply with the recorded result expected: True when the merged model is
+    the fine-tuned one, bit for bit (same fingerprint)."""
+    tuned, tuned_accuracy = train_full(work / "base")
+    tuned.save_pretrained(work / "tuned")
+    print(f"  full fine-tune: held-out accuracy {tuned_accuracy:.3f}")
+    tuned_hash = cli("hash", str(work / "tuned"), env=env).stdout.strip()
+    cli("diff", str(work / "base"), str(work / "tuned"), "-o", str(work / "dense"), env=env)
+    cli("push", str(work / "dense"), "demo/shift-full", "--base", str(work / "base"), env=env)
+    applied = cli(
+        "apply", "demo/shift-full", "--base", str(work / "base"), "-o", str(work / "merged-full"),
+        "--expect", "recorded", env=env,
+    )  # fmt: skip
+    same = applied.returncode == 0 and f"fingerprint: {tuned_hash}" in applied.stdout
+    print(f"  merged model is the fine-tuned model, bit for bit: {same}")
+    return same
+
+
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("deltareg")
     done = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, check=False)
@@ -264,6 +301,11 @@ def main() -> int:
 
         step(8, "promote to production under a policy: a score threshold and a second person's approval")
         ok = promote_under_policy(env) and ok
+
+        step(
+            9, "a full fine-tune as a dense delta: diff, push (compression shown), apply checked bit for bit"
+        )
+        ok = dense_round_trip(work, env) and ok
     print(f"\ndemo {'succeeded' if ok else 'FAILED'}; files kept in {work}")
     return 0 if ok else 1
 
