@@ -1,20 +1,25 @@
 """In-memory LoRA apply: deltareg's apply_to_module vs PEFT's from_pretrained + merge_and_unload.
 
-A Llama-shaped bf16 model (default ~300M parameters: hidden 1024, 20 layers, GQA 16/8 heads, intermediate
-2816, vocab 32000) is built locally with random init, and a LoRA adapter (default r=16 on q,k,v,o,gate,up,
-down, with random non-zero A and B) is saved with PEFT. Both routes start from the base model already in
-memory (a fresh deep copy per run, made outside the timed region) and end with the merged weights in it:
+A Llama-shaped bf16 model is built locally with random weights (``--model 1b``, the default: TinyLlama-1.1B's
+shape, hidden 2048, 22 layers, GQA 32/4 heads, intermediate 5632, vocab 32000; ``--model 300m``: the first
+figures' shape; ``--model tiny`` for a smoke run; any shape flag overrides the preset), and a LoRA adapter
+(r=16 on q,k,v,o,gate,up,down, random non-zero A and B) is saved with PEFT. Both routes start from the base
+model already in memory (a fresh deep copy per run, made outside the timed region) and end with the merged
+weights in it:
 
   peft          PeftModel.from_pretrained(model, adapter_dir) + merge_and_unload()
   deltareg      apply_to_module(model, adapter_dir, manifest, verify="full")     whole-model fingerprint
   deltareg      apply_to_module(..., verify="touched")                           only the touched tensors
 
 The manifest is built as ``push`` builds it (read_peft_adapter + fingerprint of the saved base). Runs are
-interleaved, the table shows medians and ratios to PEFT, and the results are checked bit for bit against
-PEFT's. ``--breakdown`` times route B's parts separately (factor loading, hashing, merge).
+interleaved, the table shows medians and ratios to PEFT, and every deltareg result is checked bit for bit
+against PEFT's. The machine's memory bandwidth (a 1 GiB torch copy, bytes read + written per second) is
+measured in the same run; a route's GB/s is the bytes it must move (see ``bytes_moved``) over its median.
+``--breakdown`` times deltareg's parts separately (factor loading, hashing, merge).
 
-    .venv/bin/python bench/bench_apply.py --runs 3
-    .venv/bin/python bench/bench_apply.py --layers 2 --hidden 256 --intermediate 704 --vocab 4096 --runs 2
+    .venv/bin/python bench/bench_apply.py --runs 5 --breakdown                  # ~1.1B, the issue-5 figure
+    .venv/bin/python bench/bench_apply.py --model 300m --runs 5 --breakdown     # the issue-2 figure
+    .venv/bin/python bench/bench_apply.py --model tiny --runs 2                 # smoke run
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import hashlib
+import os
 import statistics
 import tempfile
 import time
@@ -31,77 +36,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _models import (
+    add_shape_arguments,
+    build_base,
+    build_manifest,
+    memory_bandwidth,
+    parameter_count,
+    quiet_transformers,
+    save_adapter,
+    shape_from_args,
+)
 
 from deltareg.client.apply import apply_to_module, load_factors, merge_lora_into
-from deltareg.client.fingerprint import fingerprint_path, fingerprint_state_dict, tensor_digests_of_state_dict
-from deltareg.client.lora import read_peft_adapter, targets_from_params
-from deltareg.client.manifest import BaseModelRef, FileEntry, Manifest
+from deltareg.client.fingerprint import fingerprint_state_dict, tensor_digests_of_state_dict
+from deltareg.client.lora import targets_from_params
+from deltareg.client.manifest import Manifest
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEFT = "peft from_pretrained+merge_and_unload"
+FULL = 'deltareg apply_to_module verify="full"'
+TOUCHED = 'deltareg apply_to_module verify="touched"'
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_shape_arguments(parser)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--layers", type=int, default=20)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--breakdown", action="store_true", help="also time route B's parts separately")
+    parser.add_argument("--breakdown", action="store_true", help="also time deltareg's parts separately")
     return parser.parse_args()
-
-
-def build_base(args: argparse.Namespace) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.intermediate,
-        vocab_size=args.vocab,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model: Any = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16).eval()
-
-
-def save_adapter(base: torch.nn.Module, rank: int, folder: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
-    )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    peft_model.save_pretrained(str(folder))
-
-
-def build_manifest(adapter_dir: Path, base_dir: Path) -> Manifest:
-    """What push records: files with digests, the base fingerprint and the touched tensors' digests."""
-    adapter = read_peft_adapter(adapter_dir)
-    fingerprint = fingerprint_path(base_dir, use_cache=False)
-    files = [
-        FileEntry(
-            path=rel,
-            digest="sha256:" + hashlib.sha256((adapter_dir / rel).read_bytes()).hexdigest(),
-            size=(adapter_dir / rel).stat().st_size,
-        )
-        for rel in adapter.files
-    ]
-    touched = {t.base_tensor: fingerprint.tensors[t.base_tensor].digest for t in adapter.targets}
-    base = BaseModelRef(fingerprint=fingerprint.value, tensors=touched)
-    return Manifest(kind="lora", files=files, base=base, params=adapter.params())
 
 
 def route_peft(model: torch.nn.Module, adapter_dir: Path, manifest: Manifest) -> torch.nn.Module:
@@ -123,10 +86,21 @@ def route_touched(model: torch.nn.Module, adapter_dir: Path, manifest: Manifest)
 
 
 ROUTES: dict[str, Callable[[torch.nn.Module, Path, Manifest], torch.nn.Module]] = {
-    "peft from_pretrained+merge_and_unload": route_peft,
-    'deltareg apply_to_module verify="full"': route_full,
-    'deltareg apply_to_module verify="touched"': route_touched,
+    PEFT: route_peft,  # first: run 1's result is the reference the others are compared with
+    FULL: route_full,
+    TOUCHED: route_touched,
 }
+
+
+def bytes_moved(base: torch.nn.Module, manifest: Manifest) -> dict[str, int]:
+    """The memory traffic each deltareg route cannot avoid: every hashed byte read once, every touched
+    weight read and written once (the fp32 scratch block stays in cache; the factors are a few MB and
+    left out). PEFT's figure uses the same minimum (read + write the touched weights) for comparison."""
+    state = base.state_dict()
+    model_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    touched = {t.base_tensor for t in targets_from_params(manifest.params)}
+    touched_bytes = sum(state[n].numel() * state[n].element_size() for n in touched)
+    return {PEFT: 2 * touched_bytes, FULL: model_bytes + 2 * touched_bytes, TOUCHED: 3 * touched_bytes}
 
 
 def timed_run(
@@ -134,17 +108,27 @@ def timed_run(
     base: torch.nn.Module,
     adapter_dir: Path,
     manifest: Manifest,
-) -> tuple[float, dict[str, torch.Tensor]]:
+) -> tuple[float, torch.nn.Module]:
     model = copy.deepcopy(base)  # a fresh base, outside the timed region
     gc.collect()
     start = time.perf_counter()
     merged = route(model, adapter_dir, manifest)
-    elapsed = time.perf_counter() - start
-    return elapsed, merged.state_dict()
+    return time.perf_counter() - start, merged
+
+
+def compare(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """How many tensors are bit-identical to PEFT's, and where the others differ."""
+    differ = [k for k in expected if not torch.equal(state[k], expected[k])]
+    text = f"{len(expected) - len(differ)}/{len(expected)} tensors bit-identical to PEFT's merge"
+    for name in differ:
+        elements = int((state[name] != expected[name]).sum())
+        largest = float((state[name].float() - expected[name].float()).abs().max())
+        text += f"\n    differs: {name}, {elements} elements, largest difference {largest:.3g}"
+    return text
 
 
 def breakdown(base: torch.nn.Module, adapter_dir: Path, manifest: Manifest) -> dict[str, float]:
-    """Route B's parts, timed one by one on a fresh copy."""
+    """deltareg's parts, timed one by one on a fresh copy."""
     model = copy.deepcopy(base)
     state = {name: tensor.detach() for name, tensor in model.state_dict(keep_vars=True).items()}
     targets = targets_from_params(manifest.params)
@@ -174,55 +158,65 @@ def breakdown(base: torch.nn.Module, adapter_dir: Path, manifest: Manifest) -> d
 
 def main() -> None:
     args = parse_args()
-    import transformers
-
-    logging: Any = transformers.logging  # untyped module functions
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    shape = shape_from_args(args)
+    quiet_transformers()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    base = build_base(args)
-    n_params = sum(p.numel() for p in base.parameters())
+    bandwidth = memory_bandwidth()
+    print(f"memory bandwidth (1 GiB torch copy, read + written): {bandwidth / 1e9:.2f} GB/s")
+    base = build_base(shape)
+    n_params = parameter_count(base)
     with tempfile.TemporaryDirectory(prefix="bench-apply-") as work:
         base_dir, adapter_dir = Path(work) / "base", Path(work) / "adapter"
         base.save_pretrained(base_dir)
-        save_adapter(base, args.rank, adapter_dir)
+        save_adapter(copy.deepcopy(base), args.rank, adapter_dir)
         manifest = build_manifest(adapter_dir, base_dir)
         targets = targets_from_params(manifest.params)
         touched = sum(t.shape[0] * t.shape[1] for t in targets)
         print(
-            f"model: {n_params / 1e6:.1f}M params bf16 ({args.layers} layers, hidden {args.hidden}); "
+            f"model: {n_params / 1e6:.1f}M params bf16 ({shape}); "
             f"LoRA r={args.rank} on {len(targets)} modules ({touched / 1e6:.1f}M params touched)"
         )
         times: dict[str, list[float]] = {name: [] for name in ROUTES}
-        results: dict[str, dict[str, torch.Tensor]] = {}
+        expected: dict[str, torch.Tensor] = {}
+        checks: dict[str, str] = {}
         for run in range(args.runs):
             for name, route in ROUTES.items():
-                elapsed, state = timed_run(route, base, adapter_dir, manifest)
+                elapsed, merged = timed_run(route, base, adapter_dir, manifest)
                 times[name].append(elapsed)
-                if run == 0:
-                    results[name] = state
-                print(f"  run {run + 1}/{args.runs} {name}: {elapsed:.3f} s", flush=True)
+                load = os.getloadavg()[0]  # other work on the machine shows here
+                print(f"  run {run + 1}/{args.runs} {name}: {elapsed:.3f} s (load {load:.1f})", flush=True)
+                if run == 0 and name == PEFT:
+                    expected = merged.state_dict()
+                elif run == 0:
+                    checks[name] = compare(merged.state_dict(), expected)
+                del merged
         parts = breakdown(base, adapter_dir, manifest) if args.breakdown else {}
-    report(times, results, parts)
+    report(times, checks, parts, bytes_moved(base, manifest), bandwidth)
 
 
 def report(
-    times: dict[str, list[float]], results: dict[str, dict[str, torch.Tensor]], parts: dict[str, float]
+    times: dict[str, list[float]],
+    checks: dict[str, str],
+    parts: dict[str, float],
+    moved: dict[str, int],
+    bandwidth: float,
 ) -> None:
-    reference_name = next(iter(times))
-    reference = statistics.median(times[reference_name])
-    print(f"\n{'route':<44} {'median s':>9} {'min s':>7} {'ratio':>7}")
+    reference = statistics.median(times[PEFT])
+    print(
+        f"\n{'route':<44} {'median s':>9} {'min s':>7} {'ratio':>7} {'GB moved':>9} {'GB/s':>6} {'of bw':>6}"
+    )
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"{name:<44} {median:>9.3f} {min(values):>7.3f} {median / reference:>7.2f}")
-    expected = results[reference_name]
-    for name, state in results.items():
-        if name == reference_name:
-            continue
-        identical = sum(torch.equal(state[k], expected[k]) for k in expected)
-        print(f"{name}: {identical}/{len(expected)} tensors bit-identical to PEFT's merge")
+        rate = moved[name] / median
+        print(
+            f"{name:<44} {median:>9.3f} {min(values):>7.3f} {median / reference:>7.2f} "
+            f"{moved[name] / 1e9:>9.2f} {rate / 1e9:>6.2f} {rate / bandwidth:>6.0%}"
+        )
+    print(f"memory bandwidth bound: {bandwidth / 1e9:.2f} GB/s (read + written)")
+    for name, check in checks.items():
+        print(f"{name}: {check}")
     if parts:
-        print("\nroute B parts (one run):")
+        print("\ndeltareg parts (one run):")
         for name, seconds in parts.items():
             print(f"  {name:<40} {seconds:.3f} s")
 

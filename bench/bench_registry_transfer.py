@@ -40,6 +40,8 @@ BUCKET = "bench-registry"
 BASE = "tmv1:" + "0" * 64
 RANK, WIDTH = 256, 8192  # one module's A (r, in) + B (out, r) in float32: 16 MiB
 
+BENCH_TOKEN = "deltareg-bench-admin-token"  # the registry process it starts accepts it (bootstrap)
+
 
 def write_adapter(folder: Path, size_mb: int, seed: int) -> Path:
     """A PEFT-shaped LoRA adapter on up_proj of as many layers as it takes to reach size_mb."""
@@ -76,6 +78,7 @@ def registry_process(endpoint: str, work: Path) -> Iterator[str]:
         "DELTAREG_DATABASE_URL": f"sqlite:///{work / 'registry.db'}",
         "DELTAREG_STORAGE_URL": f"s3://{BUCKET}/deltareg",
         "DELTAREG_S3_ENDPOINT_URL": endpoint,
+        "DELTAREG_BOOTSTRAP_TOKEN": BENCH_TOKEN,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
@@ -107,7 +110,7 @@ def one_round(url: str, s3: object, work: Path, size_mb: int, round_: int) -> di
     weights = write_adapter(adapter, size_mb, seed=round_)
     raw_key, raw_copy, cache = f"raw/{round_}", work / f"raw-{round_}", work / f"cache-{round_}"
     try:
-        with Registry(url, cache_dir=cache, progress=False) as reg:
+        with Registry(url, BENCH_TOKEN, cache_dir=cache, progress=False) as reg:
             return {
                 "push": timed(lambda: reg.push(adapter, "bench/big", base=BASE)),
                 "upload_file": timed(lambda: s3.upload_file(str(weights), BUCKET, raw_key)),  # type: ignore[attr-defined]

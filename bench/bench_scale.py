@@ -40,6 +40,8 @@ from deltareg.registry.models import Repo, Version
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REF = "bench/big@production"
 
+BENCH_TOKEN = "deltareg-bench-admin-token"  # the registry process it starts accepts it (bootstrap)
+
 
 def sample_manifest(number: int) -> Manifest:
     """A manifest shaped like a real LoRA push (16 modules), unique per version."""
@@ -120,6 +122,7 @@ def registry(database_url: str, storage_dir: str, port: int) -> Iterator[str]:
         **os.environ,
         "DELTAREG_DATABASE_URL": database_url,
         "DELTAREG_STORAGE_URL": f"file://{storage_dir}",
+        "DELTAREG_BOOTSTRAP_TOKEN": BENCH_TOKEN,  # the load generator's admin token
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "deltareg.registry.serve", "--port", str(port)],
@@ -148,7 +151,8 @@ async def load(url: str, clients: int, seconds: float) -> tuple[float, float, fl
     """Requests/s, p50 and p99 (ms) of ``clients`` concurrent resolvers for ``seconds``."""
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
+    headers = {"Authorization": f"Bearer {BENCH_TOKEN}"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30, headers=headers) as http:
         deadline = time.perf_counter() + seconds
 
         async def worker() -> None:

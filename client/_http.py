@@ -14,17 +14,10 @@ USER_AGENT = "deltareg-client/0.1"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, read=300.0)
 
 
-ACTOR_HEADER = "X-Deltareg-Actor"
-
-
-def make_client(
-    url: str, token: str | None, *, actor: str | None = None, timeout: httpx.Timeout = DEFAULT_TIMEOUT
-) -> httpx.Client:
+def make_client(url: str, token: str | None, *, timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> httpx.Client:
     headers = {"User-Agent": USER_AGENT}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    if actor:
-        headers[ACTOR_HEADER] = actor
     return httpx.Client(base_url=url, headers=headers, timeout=timeout, follow_redirects=False)
 
 

@@ -24,6 +24,8 @@ from deltareg.client.errors import (
     DigestMismatch,
     InvalidInput,
     MissingBlob,
+    SignatureInvalid,
+    SigningKeyNotFound,
 )
 from deltareg.client.fingerprint import (
     FingerprintCache,
@@ -35,7 +37,15 @@ from deltareg.client.lineage import training_metadata
 from deltareg.client.lora import check_against_base, read_peft_adapter
 from deltareg.client.manifest import BaseModelRef, FileEntry, Manifest
 from deltareg.client.progress import TransferProgress, resolve_progress
-from deltareg.client.refs import Reference, RepoName, validate_alias
+from deltareg.client.refs import Reference, RepoName, validate_alias, validate_name_part
+from deltareg.client.signing import (
+    PublicKey,
+    SigningKey,
+    is_key_id,
+    load_signing_key,
+    resolve_trusted_keys,
+    trusted_signer,
+)
 from deltareg.client.transfer import BlobDownload, Transfers, TransferSettings, UploadPlan, file_digest
 from deltareg.client.weights import validate_safetensors_file
 
@@ -45,6 +55,9 @@ if TYPE_CHECKING:
     from deltareg.client.apply import ApplyResult
 
 VerifyMode = Literal["full", "touched"]
+# Keys a pull trusts: PublicKey objects or public key text ("ed25519 <base64> [comment]" or PEM).
+TrustedKeys = Sequence[PublicKey | str]
+KeyFile = str | os.PathLike[str] | SigningKey
 SEARCH_PAGE = 1000  # the registry's largest search page
 
 
@@ -114,6 +127,7 @@ class PushResult:
     created: bool
     uploaded_blobs: int
     uploaded_bytes: int
+    signature: dict[str, Any] | None = None  # with push(sign_key=...): the signature added
 
 
 @dataclass(frozen=True)
@@ -181,8 +195,9 @@ class Registry:
 
     Args:
         url: the registry's base URL (default ``DELTAREG_URL``, then ``http://127.0.0.1:8000``).
-        token: API token (default ``DELTAREG_TOKEN``).
-        actor: who to record as acting in the audit log (default ``DELTAREG_ACTOR``, then the local user).
+        token: API token (default ``DELTAREG_TOKEN``, then the token stored for ``url`` in the credentials
+            file, where ``deltareg serve`` puts the admin token it creates). Its name is who the registry
+            records as acting.
         cache_dir: where pulled versions and fingerprints are cached (default ``DELTAREG_CACHE_DIR``, then
             ``~/.cache/deltareg``).
         http: an httpx client to use instead of a new one (its base URL must be the registry).
@@ -196,14 +211,13 @@ class Registry:
         url: str | None = None,
         token: str | None = None,
         *,
-        actor: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         http: httpx.Client | None = None,
         progress: bool | TransferProgress | None = None,
         transfer_settings: TransferSettings | None = None,
     ) -> None:
         self.url = config.registry_url(url)
-        self._http = http or make_client(self.url, config.registry_token(token), actor=config.actor(actor))
+        self._http = http or make_client(self.url, config.registry_token(token, self.url))
         self.transfers = Transfers(
             self._http, settings=transfer_settings, progress=resolve_progress(progress)
         )
@@ -265,6 +279,7 @@ class Registry:
         datasets: Iterable[tuple[str, str | None]] | None = None,
         code_commit: str | None = None,
         hyperparameters: Mapping[str, str | bool | int | float] | None = None,
+        sign_key: KeyFile | None = None,
     ) -> PushResult:
         """Push a delta folder as a new version of ``repo``: a PEFT LoRA adapter (kind ``lora``) or a dense
         delta written by ``deltareg diff`` (kind ``full``; the fingerprint of the tuned model it reproduces
@@ -284,12 +299,20 @@ class Registry:
             code_commit: the commit of the training code.
             hyperparameters: name -> string, bool, int or finite float. These three are stored in the
                 manifest's metadata under ``datasets``, ``code_commit`` and ``hyperparameters``.
+            sign_key: a private key file (``deltareg key generate``) to sign the new version with, right
+                after it is created (the key must be registered in the repo's namespace). The key file is
+                read before anything is uploaded.
 
         Raises:
             InvalidAdapter, InvalidDelta, UnsafeFile, InvalidSafetensors: the folder is not acceptable.
             BaseMismatch: the delta does not fit the given base model.
+            SigningKeyNotFound, InvalidInput: ``sign_key`` is not registered in the namespace, or was
+                revoked (checked before anything is uploaded).
         """
         repo_name = RepoName.parse(repo)
+        signer = _signing_key(sign_key) if sign_key is not None else None
+        if signer is not None:
+            self._check_key_usable(repo_name.namespace, signer.key_id)
         recorded = training_metadata(
             metadata, datasets=datasets, code_commit=code_commit, hyperparameters=hyperparameters
         )
@@ -321,7 +344,8 @@ class Registry:
         if kind == "full":
             # diff computed the tuned model's fingerprint, which is exactly what applying this delta yields.
             self.record_result(info.ref, params["result_dtype"], params["result_fingerprint"])
-        return PushResult(info, bool(body.get("created")), uploaded, uploaded_bytes)
+        signature = self.sign(info.ref, signer) if signer is not None else None
+        return PushResult(info, bool(body.get("created")), uploaded, uploaded_bytes, signature)
 
     def _read_delta(
         self,
@@ -415,19 +439,39 @@ class Registry:
     # -- pull, verify, apply -------------------------------------------------------------------
 
     def pull(
-        self, ref: str, *, output: str | os.PathLike[str] | None = None, allow_yanked: bool = False
+        self,
+        ref: str,
+        *,
+        output: str | os.PathLike[str] | None = None,
+        allow_yanked: bool = False,
+        require_signature: bool = False,
+        trusted_keys: TrustedKeys | None = None,
     ) -> PulledDelta:
         """Download and verify a version (reusing the cache), optionally copying it to ``output``.
 
         The folder loads unchanged with ``PeftModel.from_pretrained``. The registry is asked first, so a
         yanked version is refused even when it is cached, unless named exactly with ``allow_yanked``.
 
+        With ``require_signature``, the version (and every ancestor) must carry a signature that verifies
+        here, under one of ``trusted_keys`` (default: the keys of the files ``DELTAREG_TRUSTED_KEYS``
+        names); the registry's own check is not relied on. This is checked on every pull, before the
+        version is downloaded or taken from the cache.
+
         Raises:
             DigestMismatch: a downloaded file does not match the manifest; nothing is kept.
             VersionYanked: the version (or an ancestor) is yanked and ``allow_yanked`` is off.
+            SignatureInvalid: a signature is required and none verifies under a trusted key; nothing of
+                that version is downloaded or marked valid in the cache.
+            InvalidInput: a signature is required but no key is trusted.
         """
         info = self.resolve(ref, allow_yanked=allow_yanked)
-        return self.pull_version(info, output=output, allow_yanked=allow_yanked)
+        return self.pull_version(
+            info,
+            output=output,
+            allow_yanked=allow_yanked,
+            require_signature=require_signature,
+            trusted_keys=trusted_keys,
+        )
 
     def pull_version(
         self,
@@ -436,15 +480,23 @@ class Registry:
         output: str | os.PathLike[str] | None = None,
         allow_yanked: bool = False,
         chain: bool = True,
+        require_signature: bool = False,
+        trusted_keys: TrustedKeys | None = None,
     ) -> PulledDelta:
         """``pull`` for a version already resolved.
 
         A version with a parent has its ancestors pulled too (unless ``chain`` is off), first: a yanked
-        ancestor is refused with VersionYanked unless ``allow_yanked`` (see deltareg.client.chain).
+        ancestor is refused with VersionYanked unless ``allow_yanked`` (see deltareg.client.chain), and
+        with ``require_signature`` every ancestor must be signed by a trusted key as well.
         """
         from deltareg.client.chain import pull_ancestors
 
-        ancestors = pull_ancestors(self, info, allow_yanked=allow_yanked) if chain else ()
+        trusted = resolve_trusted_keys(trusted_keys) if require_signature else None
+        if trusted is not None:
+            self.check_signed(info.repo, info.number, info.digest, trusted)
+        ancestors = (
+            pull_ancestors(self, info, allow_yanked=allow_yanked, trusted_keys=trusted) if chain else ()
+        )
         record = VersionRecord(repo=info.repo, number=info.number, digest=info.digest, manifest=info.manifest)
         folder = self.cache.lookup(info.digest) or self.cache.install(record, self._fetcher(info))
         if output is not None:
@@ -467,17 +519,30 @@ class Registry:
         *,
         base: str | os.PathLike[str] | None = None,
         allow_yanked: bool = False,
+        require_signature: bool = False,
+        trusted_keys: TrustedKeys | None = None,
     ) -> VersionRecord:
         """Verify a pulled folder, or a reference (pulled first), and optionally the base model.
 
+        ``require_signature`` / ``trusted_keys``: as for ``pull``; for a folder, the version it holds (not
+        its ancestors) must be signed, as the registry lists its signatures, verified here.
+
         Raises:
-            DigestMismatch, BaseMismatch: something does not verify (CLI exit code 3).
+            DigestMismatch, BaseMismatch, SignatureInvalid: something does not verify (CLI exit code 3).
         """
         folder = Path(target)
         if folder.is_dir():
             record = verify_folder(folder)
+            if require_signature:
+                trusted = resolve_trusted_keys(trusted_keys)
+                self.check_signed(record.repo, record.number, record.digest, trusted)
         else:
-            pulled = self.pull(os.fspath(target), allow_yanked=allow_yanked)
+            pulled = self.pull(
+                os.fspath(target),
+                allow_yanked=allow_yanked,
+                require_signature=require_signature,
+                trusted_keys=trusted_keys,
+            )
             record = verify_folder(pulled.path)
         if base is not None:
             check_base_fingerprint(record.manifest, fingerprint_path(base, cache=self.fingerprints))
@@ -492,16 +557,21 @@ class Registry:
         verify: VerifyMode = "full",
         allow_yanked: bool = False,
         expect: str | None = None,
+        require_signature: bool = False,
+        trusted_keys: TrustedKeys | None = None,
     ) -> ApplyResult:
         """Pull ``ref`` and write base + delta to ``output`` (nothing is written on a wrong base).
 
         ``expect``: the fingerprint the merged model must have (ResultMismatch, nothing written, if not);
         ``"recorded"`` takes the one recorded on the version for the base's dtype (InvalidInput if none).
+        ``require_signature`` / ``trusted_keys``: as for ``pull`` (SignatureInvalid, nothing written).
         """
         out = Path(output)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise InvalidInput(f"output {out} already exists and is not an empty folder")
-        pulled = self.pull(ref, allow_yanked=allow_yanked)
+        pulled = self.pull(
+            ref, allow_yanked=allow_yanked, require_signature=require_signature, trusted_keys=trusted_keys
+        )
         if expect == "recorded":
             expect = self._recorded_result(pulled, base)
         return pulled.apply_files(base, out, verify=verify, expect=expect)
@@ -737,7 +807,7 @@ class Registry:
         return dict(request_json(self._http, "DELETE", self._policy_path(repo, alias)))
 
     def approve(self, ref: str, alias: str, *, comment: str | None = None) -> dict[str, Any]:
-        """Approve moving ``alias`` to the version ``ref`` names, as this client's actor.
+        """Approve moving ``alias`` to the version ``ref`` names, as this client's token.
 
         Returns the approval with ``created`` (false: this actor had approved already, nothing changed).
 
@@ -822,6 +892,135 @@ class Registry:
         ``actor``, ``created_at``."""
         return list(request_json(self._http, "GET", self._version_path(ref, "results"))["results"])
 
+    # -- tokens --------------------------------------------------------------------------------
+
+    def create_token(
+        self,
+        name: str,
+        scopes: Sequence[str],
+        *,
+        namespaces: Sequence[str] = ("*",),
+        expires_in_days: int | None = 90,
+    ) -> dict[str, Any]:
+        """Create an API token (needs an admin token). The answer's ``token`` is the secret, shown once.
+
+        ``name`` is who the token is (the actor its writes record); ``scopes`` from read, write, promote,
+        admin; ``namespaces`` patterns ("*", "acme", "team-*"); ``expires_in_days`` None: never.
+        """
+        body = {
+            "name": name,
+            "scopes": list(scopes),
+            "namespaces": list(namespaces),
+            "expires_in_days": expires_in_days,
+        }
+        return dict(request_json(self._http, "POST", "/api/v1/tokens", json=body))
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """Every token (needs an admin token): never secrets."""
+        return list(request_json(self._http, "GET", "/api/v1/tokens")["tokens"])
+
+    def revoke_token(self, token_id: int) -> dict[str, Any]:
+        """Revoke a token (needs an admin token); it is refused from its next request on."""
+        return dict(request_json(self._http, "POST", f"/api/v1/tokens/{int(token_id)}/revoke"))
+
+    def whoami(self) -> dict[str, Any]:
+        """The name, scopes and namespaces of this client's token (``anonymous`` without one)."""
+        return dict(request_json(self._http, "GET", "/api/v1/whoami"))
+
+    # -- signing -------------------------------------------------------------------------------
+
+    def sign(self, ref: str | Reference, key: KeyFile) -> dict[str, Any]:
+        """Sign the manifest digest of the version ``ref`` names with ``key`` (a private key file or a
+        loaded SigningKey) and add the signature; the registry verifies it against the key registered in
+        the repo's namespace. Signing again with the same key changes nothing (``created`` false).
+
+        Returns the record: ``repo``, ``number``, ``digest``, ``key_id``, ``signature``, ``actor``,
+        ``created_at``, ``created``.
+
+        Raises:
+            SigningKeyNotFound: the key is not registered in the namespace.
+            InvalidInput: the key file is not a private key, or the key was revoked.
+        """
+        signer = _signing_key(key)
+        info = self.resolve(ref, allow_yanked=True)
+        body = {"key_id": signer.key_id, "signature": signer.sign(info.digest)}
+        return dict(request_json(self._http, "POST", _signatures_path(info.repo, info.number), json=body))
+
+    def signatures(self, ref: str | Reference) -> list[dict[str, Any]]:
+        """The signatures of the version ``ref`` names, oldest first: ``key_id``, ``signature``, ``actor``,
+        ``created_at``, ``key_revoked``. As the registry says: ``check_signed`` verifies them here."""
+        return list(request_json(self._http, "GET", self._version_path(ref, "signatures"))["signatures"])
+
+    def check_signed(self, repo: str, number: int, digest: str, trusted: Sequence[PublicKey]) -> PublicKey:
+        """The trusted key a signature of version ``number`` of ``repo`` verifies under, for ``digest``
+        (checked here; the registry's answer is only where the signatures come from).
+
+        Raises:
+            SignatureInvalid: no signature verifies under a trusted key.
+        """
+        entries = request_json(self._http, "GET", _signatures_path(repo, number))["signatures"]
+        signer = trusted_signer(digest, entries, trusted)
+        if signer is not None:
+            return signer
+        if not entries:
+            raise SignatureInvalid(
+                f"{repo}:{number} ({digest}) is not signed, and a signature by a trusted key is required"
+            )
+        keys = sorted(
+            {
+                str(entry.get("key_id")) + (" (revoked)" if entry.get("key_revoked") else "")
+                for entry in entries
+            }
+        )
+        raise SignatureInvalid(
+            f"{repo}:{number} ({digest}) has no valid signature by a trusted key (signed by "
+            f"{', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}; trusted: "
+            f"{', '.join(key.key_id for key in trusted[:5])}{', ...' if len(trusted) > 5 else ''})"
+        )
+
+    def _check_key_usable(self, namespace: str, key_id: str) -> None:
+        """Before a signed push uploads anything: the key is registered in the namespace, not revoked."""
+        found = next((key for key in self.keys(namespace) if key["key_id"] == key_id), None)
+        if found is None:
+            raise SigningKeyNotFound(
+                f"namespace {namespace} has no key {key_id}; register it with deltareg key register "
+                "(nothing was pushed)"
+            )
+        if found["revoked_at"] is not None:
+            raise InvalidInput(f"key {key_id} of namespace {namespace} was revoked (nothing was pushed)")
+
+    def register_key(
+        self, namespace: str, public_key: str | PublicKey, name: str | None = None
+    ) -> dict[str, Any]:
+        """Register a public key (``ed25519 <base64> [comment]``, PEM, or a PublicKey) in ``namespace``;
+        its signatures then count for the namespace's repos. ``name`` defaults to the key's comment.
+
+        Returns the key: ``namespace``, ``key_id``, ``public_key``, ``name``, ``actor``, ``created_at``,
+        ``revoked_at``, ``revoked_by``, ``created`` (false: it was registered before).
+
+        Raises:
+            InvalidInput: not an Ed25519 public key.
+            Conflict: the key was revoked in the namespace.
+        """
+        key = public_key if isinstance(public_key, PublicKey) else PublicKey.parse(public_key)
+        body = {"public_key": key.base64, "name": name if name is not None else key.comment}
+        return dict(request_json(self._http, "POST", _keys_path(namespace), json=body))
+
+    def keys(self, namespace: str) -> list[dict[str, Any]]:
+        """The keys registered in ``namespace``, oldest first, revoked ones included."""
+        return list(request_json(self._http, "GET", _keys_path(namespace))["keys"])
+
+    def revoke_key(self, namespace: str, key_id: str) -> dict[str, Any]:
+        """Revoke a key of ``namespace``: its signatures no longer satisfy a policy's signature rule.
+
+        Raises:
+            SigningKeyNotFound: the namespace has no such key.
+        """
+        if not is_key_id(key_id):
+            raise InvalidInput(f"invalid key id {key_id!r}: expected 'ed25519:' followed by 32 hex digits")
+        path = f"{_keys_path(namespace)}/{key_id}/revoke"
+        return dict(request_json(self._http, "POST", path))
+
     def _policy_path(self, repo: str, alias: str) -> str:
         return self._alias_path(RepoName.parse(repo), validate_alias(alias)) + "/policy"
 
@@ -831,3 +1030,16 @@ class Registry:
         reference = ref if isinstance(ref, Reference) else Reference.parse(ref)
         number = reference.version or self.resolve(reference, allow_yanked=True).number
         return f"/api/v1/repos/{reference.repo.namespace}/{reference.repo.name}/versions/{number}/{suffix}"
+
+
+def _signing_key(key: KeyFile) -> SigningKey:
+    return key if isinstance(key, SigningKey) else load_signing_key(key)
+
+
+def _keys_path(namespace: str) -> str:
+    return f"/api/v1/namespaces/{validate_name_part(namespace, 'namespace')}/keys"
+
+
+def _signatures_path(repo: str, number: int) -> str:
+    repo_name = RepoName.parse(repo)
+    return f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions/{number}/signatures"

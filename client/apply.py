@@ -50,7 +50,7 @@ from deltareg.client import dense, lora
 from deltareg.client.compat import config_problems, module_config, read_base_config
 from deltareg.client.dense import FILES_FOLDER, DenseParams, DenseTarget, check_stored_tensors
 from deltareg.client.dense import targets_from_params as dense_targets_from_params
-from deltareg.client.diff import apply_entry, decode
+from deltareg.client.diff import apply_entry, decode, torch_dtype
 from deltareg.client.errors import (
     BaseMismatch,
     InvalidAdapter,
@@ -98,8 +98,6 @@ from deltareg.client.weights import (
 
 VerifyMode = Literal["full", "touched"]
 VERIFY_MODES: tuple[VerifyMode, ...] = ("full", "touched")
-# The fp32 scratch block of a merge: 2**20 elements (4 MiB) stays in cache, so W is read and written once.
-BLOCK_ELEMENTS = 1 << 20
 COPY_CHUNK = 16 << 20
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B), as stored in the adapter file
@@ -155,32 +153,23 @@ def merge_lora_into(
 ) -> None:
     """``weight += scale * (B @ A)`` in place (``.T`` of the delta with fan_in_fan_out), as PEFT merges.
 
-    The delta is computed in fp32 (fp64 for an fp64 weight) in row blocks of about ``BLOCK_ELEMENTS``, so
-    the extra memory is one block and W is read and written once. Every element gets exactly PEFT's
-    operations: one matmul result, one multiply by the scale, one add, one final rounding to W's dtype.
-    With ``round_delta`` (PEFT's embedding merge) the delta is rounded to W's dtype before the add instead.
+    The delta is computed in fp32 (fp64 for an fp64 weight) by one matmul over the whole weight, exactly
+    PEFT's ``B @ A``: a matmul split into row blocks can round a few elements differently (the kernel
+    picks its own partition by shape), which would break bit-identity. Then every element gets exactly
+    PEFT's operations: one multiply by the scale, one add, one final rounding to W's dtype (these are
+    elementwise, so their results do not depend on how they are split). With ``round_delta`` (PEFT's
+    embedding merge) the delta is rounded to W's dtype before the add instead. The extra memory is one
+    fp32 copy of W.
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     a = lora_a.to(device=weight.device, dtype=compute)
     b = lora_b.to(device=weight.device, dtype=compute)
-    rows, cols = weight.shape
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    scratch = torch.empty(
-        0 if fan_in_fan_out else min(step, rows) * cols, dtype=compute, device=weight.device
-    )
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        if fan_in_fan_out:
-            # W is (in, out): its rows are columns of A. Same matmul as PEFT's (B @ A), then transposed.
-            block = torch.mm(b, a[:, start:stop]).T
-        else:
-            block = scratch[: (stop - start) * cols].view(stop - start, cols)
-            torch.mm(b[start:stop], a, out=block)
-        block.mul_(scale)
-        if round_delta:
-            weight[start:stop].add_(block.to(weight.dtype))
-        else:
-            _add_rounded(weight[start:stop], block)
+    delta = _transpose(torch.mm(b, a), fan_in_fan_out)
+    delta.mul_(scale)
+    if round_delta:
+        weight.add_(delta.to(weight.dtype))
+    else:
+        _add_rounded(weight, delta)
 
 
 def merge_dora_into(
@@ -642,11 +631,7 @@ def _write_weight_file(
     if sys.byteorder != "little":  # safetensors is little-endian; torch's memory here would not be
         raise InvalidInput("applying to safetensors files needs a little-endian machine")
     digests: dict[str, Future[TensorInfo]] = {}
-    with (
-        open(source, "rb") as src,
-        open(destination, "wb") as dst,
-        safe_open(source, framework="pt") as tensors,
-    ):
+    with open(source, "rb") as src, open(destination, "wb") as dst:
         if layout == _layout_of(header):
             _copy_range(src.fileno(), dst, 0, header.data_start)
         else:
@@ -657,7 +642,7 @@ def _write_weight_file(
                 entry = header.tensors[name]
                 _copy_range(src.fileno(), dst, entry.start, entry.nbytes)
                 continue
-            weight = tensors.get_tensor(name) if name in header.tensors else None
+            weight = _read_tensor(src.fileno(), header.tensors[name]) if name in header.tensors else None
             merged = _merge_all(weight, merges_of_tensor)
             data: memoryview = merged.contiguous().reshape(-1).view(torch.uint8).numpy().data
             if _spec_of(merged) != _Spec(dtype, shape):
@@ -675,6 +660,25 @@ def _write_weight_file(
     if size != expected:
         raise InvalidModel(f"{source}: wrote {size} bytes for {destination.name} but expected {expected}")
     return {name: future.result() for name, future in digests.items()}
+
+
+def _read_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
+    """One tensor read into memory of its own: not through a mapping of the whole file, whose pages would
+    stay resident (and count in the process's memory) until the file is closed."""
+    dtype = torch_dtype(entry.dtype)
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    data = bytearray(entry.nbytes)
+    view = memoryview(data)
+    done = 0
+    while done < entry.nbytes:
+        count = os.preadv(fd, [view[done:]], entry.start + done)
+        if count == 0:
+            raise InvalidModel(
+                f"unexpected end of file at offset {entry.start + done} (was the file changed?)"
+            )
+        done += count
+    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
 
 
 def _digest_job(dtype: str, shape: tuple[int, ...], data: memoryview) -> TensorInfo:

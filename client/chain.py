@@ -18,6 +18,7 @@ torch is imported only when applying.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from deltareg.client.errors import DigestMismatch, InvalidManifest, VersionYanked
@@ -27,12 +28,20 @@ if TYPE_CHECKING:
 
     from deltareg.client.api import PulledDelta, Registry, VerifyMode, VersionInfo
     from deltareg.client.apply import ApplyResult, Step
+    from deltareg.client.signing import PublicKey
 
 
 def pull_ancestors(
-    registry: Registry, info: VersionInfo, *, allow_yanked: bool = False
+    registry: Registry,
+    info: VersionInfo,
+    *,
+    allow_yanked: bool = False,
+    trusted_keys: Sequence[PublicKey] | None = None,
 ) -> tuple[PulledDelta, ...]:
     """The ancestors of ``info``, oldest first, each pulled and verified (none for a version without parent).
+
+    With ``trusted_keys``, each ancestor must be signed by one of them (SignatureInvalid otherwise, raised
+    before that ancestor is downloaded or taken from the cache).
 
     Raises:
         VersionYanked: an ancestor was yanked (and ``allow_yanked`` is off); nothing was downloaded.
@@ -71,7 +80,12 @@ def pull_ancestors(
             f"the chain of {info.ref} is incomplete: its ancestor {expected} is not in the registry's answer "
             f"({len(chain)} ancestors found)"
         )
-    return tuple(registry.pull_version(ancestor, chain=False) for ancestor in reversed(chain))
+    return tuple(
+        registry.pull_version(
+            ancestor, chain=False, require_signature=trusted_keys is not None, trusted_keys=trusted_keys
+        )
+        for ancestor in reversed(chain)
+    )
 
 
 def steps_of(pulled: PulledDelta) -> list[Step]:

@@ -26,6 +26,7 @@ VOCAB, SEQ, SHIFT = 64, 16, 3
 
 
 PUSHER, REVIEWER = "alice", "bob"
+DEMO_ACTOR = "DEMO_ACTOR"  # whose token a command of the demo runs with (shown next to it)
 
 
 def step(number: int, text: str) -> None:
@@ -185,8 +186,9 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("deltareg")
     done = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, check=False)
     shown = done.stdout.strip() or done.stderr.strip()
-    who = f"DELTAREG_ACTOR={env['DELTAREG_ACTOR']} " if env.get("DELTAREG_ACTOR") != PUSHER else ""
-    print(f"  $ {who}deltareg {shlex.join(args)}   (exit {done.returncode})")
+    who = env.get(DEMO_ACTOR, PUSHER)
+    shown_who = "" if who == PUSHER else f"   (with {who}'s token)"
+    print(f"  $ deltareg {shlex.join(args)}   (exit {done.returncode}){shown_who}")
     print("\n".join("    " + line for line in shown.splitlines()))
     return done
 
@@ -213,14 +215,17 @@ def main() -> int:
 
     ok = True
     work = Path(tempfile.mkdtemp(prefix="deltareg-demo-"))
-    env = {**os.environ, "DELTAREG_CACHE_DIR": str(work / "cache"), "DELTAREG_ACTOR": PUSHER}
-    os.environ["DELTAREG_CACHE_DIR"] = env["DELTAREG_CACHE_DIR"]
-    os.environ["DELTAREG_ACTOR"] = PUSHER  # who the registry records for this demo's writes
+    # The demo's own cache and CLI credentials: nothing is read from or written to your home folder.
+    os.environ["DELTAREG_CACHE_DIR"] = str(work / "cache")
+    os.environ["DELTAREG_CONFIG_DIR"] = str(work / "config")
+    os.environ.pop("DELTAREG_TOKEN", None)
     print(f"deltareg demo in {work}")
-    step(1, "start a registry on the embedded default (SQLite + blob folder)")
+    step(1, "start a registry on the embedded default (SQLite + blob folder); make tokens for alice and bob")
     with running_server(work / "registry") as url:
-        env["DELTAREG_URL"] = url
+        os.environ["DELTAREG_URL"] = url
         print(f"  registry at {url}")
+        env = people_tokens(url)
+        os.environ["DELTAREG_TOKEN"] = env["DELTAREG_TOKEN"]  # this process acts as alice too
         step(2, "build a tiny Llama-style base model locally (random init, no download)")
         base = build_base(work / "base", seed=0)
         print(f"  {sum(p.numel() for p in base.parameters()):,} parameters -> {work / 'base'}")
@@ -249,7 +254,7 @@ def main() -> int:
                 metadata={"task": f"shift-{SHIFT}"},
             )
             print(f"  pushed again: same version {again.version.ref}, {again.uploaded_blobs} blobs uploaded")
-        cli("list", env=env)
+        cli("list", "demo", env=env)
         cli("show", "demo/shift-bot:1", env=env)
 
         step(5, "pull (download + verify every digest), verify, and apply file to file")
@@ -310,13 +315,28 @@ def main() -> int:
     return 0 if ok else 1
 
 
+def people_tokens(url: str) -> dict[str, str]:
+    """With the admin token the embedded server handed to this machine's CLI, make alice's token (push,
+    promote) and bob's (promote: approvals). Returns alice's environment; bob's token is in REVIEWER_TOKEN."""
+    from deltareg.client import Registry
+
+    admin = {**os.environ, DEMO_ACTOR: "admin"}
+    cli("token", "whoami", env=admin)
+    with Registry(url) as registry:
+        alice = registry.create_token(PUSHER, ["write", "promote"], namespaces=["demo"])["token"]
+        bob = registry.create_token(REVIEWER, ["promote"], namespaces=["demo"])["token"]
+    print(f"  created tokens {PUSHER} (write, promote on demo/*) and {REVIEWER} (promote on demo/*)")
+    return {**os.environ, "DELTAREG_TOKEN": alice, "REVIEWER_TOKEN": bob}
+
+
 def promote_under_policy(env: dict[str, str]) -> bool:
-    """Set a policy, see a promotion refused with its failed rule, approve as someone else, promote,
-    and check the audit log's hash chain. True when each step answered as expected."""
+    """Set a policy (as admin), see a promotion refused with its failed rule, approve as someone else,
+    promote, and check the audit log's hash chain. True when each step answered as expected."""
     repo, ref = "demo/shift-bot", "demo/shift-bot:1"
-    reviewer = {**env, "DELTAREG_ACTOR": REVIEWER}
+    reviewer = {**env, "DELTAREG_TOKEN": env["REVIEWER_TOKEN"], DEMO_ACTOR: REVIEWER}
+    admin = {k: v for k, v in env.items() if k != "DELTAREG_TOKEN"} | {DEMO_ACTOR: "admin"}
     policy = cli(
-        "policy", "set", repo, "--alias", "production", "--min", "accuracy=0.9", "--approvals", "1", env=env
+        "policy", "set", repo, "--alias", "production", "--min", "accuracy=0.9", "--approvals", "1", env=admin
     )
     refused = cli("promote", ref, "--alias", "production", "--reason", "first release", env=env)
     approved = cli("approve", ref, "--alias", "production", env=reviewer)

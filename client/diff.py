@@ -190,7 +190,7 @@ def _encode_entry(
 def _add_delta(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``new - old`` in fp32 (fp64 for fp64), and the flat indices where ``old + delta``, rounded once to
     the dtype as the apply does it, does not give ``new`` back bit for bit."""
-    compute = _torch_dtype(add_dtype(safetensors_dtype(new.dtype)))
+    compute = torch_dtype(add_dtype(safetensors_dtype(new.dtype)))
     delta = new.to(compute) - old.to(compute)
     back = (old.to(compute) + delta).to(new.dtype)
     wrong = torch.ne(_bits(back), _bits(new)).reshape(-1)
@@ -331,7 +331,7 @@ def decode(handle: Any, stored: Stored) -> torch.Tensor:
     if len(raw) != expected:
         raise InvalidDelta(f"{stored.key}: decoded {len(raw)} bytes, expected {expected}")
     flat = _unplanes(raw, SAFETENSORS_DTYPES[stored.dtype])
-    return torch.from_numpy(flat).view(_torch_dtype(stored.dtype)).reshape(stored.shape)
+    return torch.from_numpy(flat).view(torch_dtype(stored.dtype)).reshape(stored.shape)
 
 
 def apply_entry(
@@ -357,7 +357,7 @@ def apply_entry(
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.view(_torch_dtype(FLOAT_BITS[safetensors_dtype(tensor.dtype)]))
+    return tensor.view(torch_dtype(FLOAT_BITS[safetensors_dtype(tensor.dtype)]))
 
 
 def _raw(tensor: torch.Tensor) -> memoryview:
@@ -380,7 +380,8 @@ def _unplanes(raw: bytes, itemsize: int) -> np.ndarray[Any, Any]:
 
 
 @functools.cache
-def _torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``InvalidDelta`` if this torch has none)."""
     for value in vars(torch).values():
         if isinstance(value, torch.dtype):
             try:

@@ -11,13 +11,13 @@ classes to exit codes in one table (``deltareg.client.cli.EXIT_CODES``).
     │   ├── InvalidAdapter, InvalidModel, UnsafeFile (pickles), MissingBlob
     ├── AuthenticationRequired (401), PermissionDenied (403)
     ├── NotFound (404)
-    │   ├── RepoNotFound, VersionNotFound, BlobNotFound, AliasNotFound
+    │   ├── RepoNotFound, VersionNotFound, BlobNotFound, AliasNotFound, SigningKeyNotFound
     ├── Conflict (409)
     ├── PolicyViolation (403: a promotion policy refused the move; every failed rule is listed)
     ├── VersionYanked (410: the version was yanked; name it exactly and allow yanked versions to pull it)
     ├── PayloadTooLarge (413)
     ├── VerificationFailed (400; the CLI exits 3)
-    │   ├── DigestMismatch, BaseMismatch, AuditChainBroken
+    │   ├── DigestMismatch, BaseMismatch, AuditChainBroken, SignatureInvalid
     ├── ServiceUnavailable (503)
     └── ConnectionFailed (client only: the server could not be reached)
 """
@@ -119,6 +119,12 @@ class AliasNotFound(NotFound):
     code = "alias_not_found"
 
 
+class SigningKeyNotFound(NotFound):
+    """No such public key is registered in the namespace."""
+
+    code = "signing_key_not_found"
+
+
 class Conflict(DeltaregError):
     code = "conflict"
     status_code = 409
@@ -168,6 +174,12 @@ class AuditChainBroken(VerificationFailed):
     """The audit log's hash chain does not verify: an entry was changed, removed or reordered."""
 
     code = "audit_chain_broken"
+
+
+class SignatureInvalid(VerificationFailed):
+    """A signature does not verify, or a version lacks one a trust policy requires."""
+
+    code = "signature_invalid"
 
 
 class ServiceUnavailable(DeltaregError):

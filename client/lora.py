@@ -92,6 +92,8 @@ _KNOWN_UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
     (".trainable_tokens_delta", "trainable tokens"),
 )
 MAX_LISTED_PROBLEMS = 20
+# The largest integer RFC 8785 (hence a manifest) represents exactly: 2**53.
+MAX_JSON_INT = 2**53
 
 
 class TensorSpec(Protocol):
@@ -379,11 +381,15 @@ def _rank_alpha_problems(config: Mapping[str, Any]) -> list[str]:
 
 
 def _is_positive_int(value: Any) -> bool:
-    return type(value) is int and value > 0
+    # Bounded like a JSON number a manifest can hold: beyond it alpha / r cannot even be computed (an int
+    # too large for a float raises OverflowError).
+    return type(value) is int and 0 < value <= MAX_JSON_INT
 
 
 def _is_finite_number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    if type(value) is int:
+        return abs(value) <= MAX_JSON_INT  # math.isfinite(10**400) raises OverflowError
+    return type(value) is float and math.isfinite(value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -833,7 +839,7 @@ def _replace_from_entry(
             raise fail(f"replace[{base_tensor!r}].tensor must be a tensor name")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise fail(f"replace[{base_tensor!r}].shape must be a list of non-negative integers")
-        if dtype not in BASE_DTYPES:
+        if not isinstance(dtype, str) or dtype not in BASE_DTYPES:  # a list or object is unhashable
             raise fail(f"replace[{base_tensor!r}].dtype must be one of {', '.join(sorted(BASE_DTYPES))}")
         targets.append(ReplaceTarget(module, base_tensor, tuple(shape), dtype, tensor))
     return targets

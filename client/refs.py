@@ -90,6 +90,9 @@ class Reference:
 
 
 def parse_version_number(text: str) -> int:
-    if not text.isdigit() or text.startswith("0") or int(text) > MAX_VERSION:
+    # isdigit() alone takes "²" (which int() refuses) and "٣" (which int() reads as 3); only ASCII digits,
+    # and few enough of them for int() to accept (it refuses strings of over 4300 digits).
+    too_long = len(text) > len(str(MAX_VERSION))
+    if not (text.isascii() and text.isdigit()) or too_long or text.startswith("0") or int(text) > MAX_VERSION:
         raise InvalidReference(f"invalid version number {text!r}: expected a whole number from 1")
     return int(text)

@@ -194,6 +194,8 @@ def _parse_json_object(raw: bytes, fail: Callable[[str], Exception]) -> dict[str
         raise fail(f"header has the key {exc.key!r} twice") from None
     except ValueError as exc:
         raise fail(f"header is not valid JSON ({exc})") from None
+    except RecursionError:  # json recurses once per level: "[[[[..." deep enough exhausts the stack
+        raise fail("header nests JSON too deeply to be a safetensors header") from None
     if not isinstance(parsed, dict):
         raise fail("header is not a JSON object")
     return parsed

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
@@ -37,6 +38,14 @@ class Settings(BaseSettings):
     # None means: migrate automatically on SQLite (embedded), never on a shared server database.
     auto_migrate: bool | None = None
 
+    # ---- Access
+    # Reads without a token. None means: allowed on the embedded default (database and blobs both in
+    # data_dir), refused everywhere else.
+    anonymous_read: bool | None = None
+    # An admin token given to the server itself, for first set-up and automation (create real tokens
+    # with it, then unset it): accepted as the actor "bootstrap", never stored.
+    bootstrap_token: SecretStr | None = None
+
     # ---- S3 (used only with an s3:// storage_url)
     s3_endpoint_url: str | None = None
     # The endpoint clients reach the store at, for presigned URLs, when it differs from the server's
@@ -59,6 +68,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()
+        if self.anonymous_read is None:
+            self.anonymous_read = not self.database_url and not self.storage_url
+        bootstrap = self.bootstrap_token.get_secret_value() if self.bootstrap_token is not None else None
+        if bootstrap is not None and not re.fullmatch(r"[A-Za-z0-9_\-]{16,256}", bootstrap):
+            raise ValueError("DELTAREG_BOOTSTRAP_TOKEN must be 16-256 letters, digits, '_' or '-'")
         if not self.database_url:
             self.database_url = f"sqlite:///{data_dir / 'registry.db'}"
         if not self.storage_url:

@@ -10,6 +10,8 @@ from fastapi import Depends, FastAPI, Request
 
 from deltareg.registry.aliases.routes import router as aliases_router
 from deltareg.registry.audit.routes import router as audit_router
+from deltareg.registry.auth.routes import router as auth_router
+from deltareg.registry.auth.rules import authorize
 from deltareg.registry.blobs.routes import router as blobs_router
 from deltareg.registry.config import Settings
 from deltareg.registry.db import Database
@@ -23,6 +25,7 @@ from deltareg.registry.migrate import check_schema, upgrade
 from deltareg.registry.policies.routes import router as policies_router
 from deltareg.registry.results.routes import router as results_router
 from deltareg.registry.search.routes import router as search_router
+from deltareg.registry.signing.routes import router as signing_router
 from deltareg.registry.storage import open_store
 from deltareg.registry.versions.routes import router as versions_router
 
@@ -54,12 +57,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="deltareg registry",
         version="0.1.0",
         lifespan=lifespan,
-        dependencies=[Depends(refuse_nul_in_query)],
+        # authorize first: a caller without the right token learns nothing about the request's content.
+        dependencies=[Depends(authorize), Depends(refuse_nul_in_query)],
     )
     app.state.settings = settings
     app.state.database = database
     app.state.store = store
     add_exception_handlers(app)
+    app.include_router(auth_router)
     app.include_router(blobs_router)
     app.include_router(versions_router)
     app.include_router(aliases_router)
@@ -70,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(lineage_router)
     app.include_router(policies_router)
     app.include_router(results_router)
+    app.include_router(signing_router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"])
     return app

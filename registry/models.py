@@ -30,6 +30,7 @@ DIGEST_LENGTH = len("sha256:") + 64
 FINGERPRINT_LENGTH = len("tmv1:") + 64
 NAME_PART_LENGTH = 64
 ACTOR_LENGTH = 256
+TOKEN_NAME_LENGTH = 64
 EPOCH = "1970-01-01 00:00:00"
 
 NAMING_CONVENTION = {
@@ -187,6 +188,46 @@ class ExpectedResult(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+KEY_ID_LENGTH = 48  # "ed25519:" + 32 hex digits, with room for another key type's prefix
+
+
+class SigningKey(Base):
+    """An Ed25519 public key registered in a namespace: signatures by it count for the namespace's repos.
+
+    Never deleted: a revoked key keeps its row (and its signatures stay listed) but no longer counts.
+    """
+
+    __tablename__ = "signing_keys"
+    __table_args__ = (UniqueConstraint("namespace", "key_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(NAME_PART_LENGTH))
+    key_id: Mapped[str] = mapped_column(String(KEY_ID_LENGTH))
+    # Base64 of the 32 raw key bytes (44 characters).
+    public_key: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str | None] = mapped_column(String(128))
+    actor: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_by: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
+
+
+class Signature(Base):
+    """A signature of a version's manifest digest, verified by the registry against a registered key of
+    the version's namespace before it was stored (see deltareg.client.signing for what is signed)."""
+
+    __tablename__ = "signatures"
+    __table_args__ = (UniqueConstraint("version_id", "key_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    key_id: Mapped[str] = mapped_column(String(KEY_ID_LENGTH))
+    # Base64 of the 64 raw signature bytes (88 characters).
+    signature: Mapped[str] = mapped_column(String(96))
+    actor: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 ALIAS_LENGTH = 64
 
 
@@ -271,3 +312,23 @@ class AuditEntry(Base):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(DIGEST_LENGTH))
     entry_hash: Mapped[str] = mapped_column(String(DIGEST_LENGTH), unique=True)
+
+
+class ApiToken(Base):
+    """An API token: who it is (the actor its requests record), what it may do, until when.
+
+    Only the SHA-256 of the secret is stored; the secret is shown once, when the token is created.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(TOKEN_NAME_LENGTH))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(64))  # comma-separated, sorted
+    namespaces: Mapped[str] = mapped_column(Text)  # comma-separated patterns ("*", "acme", "team-*")
+    created_by: Mapped[str] = mapped_column(String(ACTOR_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_by: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))

@@ -10,17 +10,22 @@ Also runnable as ``python -m deltareg.registry.serve --host H --port P --data-di
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from pathlib import Path
 
 import uvicorn
 
+from deltareg.client.config import store_token
 from deltareg.client.errors import DeltaregError
+from deltareg.registry.auth.service import create_first_admin_token
 from deltareg.registry.config import Settings
-from deltareg.registry.db import safe_url
+from deltareg.registry.db import Database, safe_url
 from deltareg.registry.main import create_app
 from deltareg.registry.migrate import upgrade
+
+ADMIN_TOKEN_FILE = "admin-token"
 
 
 def run(host: str, port: int, data_dir: str | None) -> None:
@@ -37,20 +42,58 @@ def run(host: str, port: int, data_dir: str | None) -> None:
     app = create_app(settings.model_copy(update={"auto_migrate": False}))
     sock = _listen(host, port)
     shown_host = f"[{host}]" if ":" in host else host
-    print(
-        f"deltareg registry listening on http://{shown_host}:{sock.getsockname()[1]} ({_where(settings)})",
-        flush=True,
-    )
+    bound = sock.getsockname()[1]
+    if _is_embedded(settings):
+        _hand_admin_token_to_local_cli(
+            settings, [f"http://{shown_host}:{bound}", *_loopback_urls(host, bound)]
+        )
+    print(f"deltareg registry listening on http://{shown_host}:{bound} ({_where(settings)})", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, workers=1, log_level="info"))
     server.run(sockets=[sock])
 
 
 def _where(settings: Settings) -> str:
     """Where the data lives, for the startup line (never a password)."""
-    embedded = Settings(data_dir=settings.data_dir, database_url="", storage_url="")
-    if (settings.database_url, settings.storage_url) == (embedded.database_url, embedded.storage_url):
+    if _is_embedded(settings):
         return f"data in {settings.data_dir.expanduser().resolve()}"
     return f"database {safe_url(settings.database_url)}, blobs {settings.storage_url}"
+
+
+def _is_embedded(settings: Settings) -> bool:
+    embedded = Settings(data_dir=settings.data_dir, database_url="", storage_url="")
+    return (settings.database_url, settings.storage_url) == (embedded.database_url, embedded.storage_url)
+
+
+def _hand_admin_token_to_local_cli(settings: Settings, urls: list[str]) -> None:
+    """The embedded default is one person's registry: at first start it creates an admin token, keeps it
+    in ``DATA_DIR/admin-token`` (readable by its owner only) and stores it in the CLI's credentials file
+    for this server's URLs, so that ``deltareg`` on this machine uses it without being told."""
+    token_file = settings.data_dir.expanduser().resolve() / ADMIN_TOKEN_FILE
+    database = Database.connect(settings.database_url)
+    try:
+        with database.write_sessions() as session:
+            secret = create_first_admin_token(session)
+            session.commit()
+    finally:
+        database.dispose()
+    created = secret is not None
+    if secret is not None:
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secret + "\n")
+    elif token_file.is_file():
+        secret = token_file.read_text().strip()
+    else:
+        return  # tokens were made some other way: nothing to hand over
+    stored = store_token(urls, secret)
+    what = "created an admin token" if created else "the admin token"
+    print(f"{what} ({token_file}), stored for the deltareg CLI on this machine in {stored}", flush=True)
+
+
+def _loopback_urls(host: str, port: int) -> list[str]:
+    if host in ("0.0.0.0", "::", "127.0.0.1", "localhost", "::1"):
+        return [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
+    return []
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _support.auth import TEST_TOKEN
 
 # Quiet and offline before transformers is ever imported (it is imported lazily, only by tests that use
 # models, so that the registry tests do not pay for it).
@@ -72,6 +73,17 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_tokens(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every server started in this session accepts TEST_TOKEN as its admin token and every client sends
+    it (tests/_support/auth.py); CLI credentials live in a folder of the session's own, never in ~."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DELTAREG_BOOTSTRAP_TOKEN", TEST_TOKEN)
+        patch.setenv("DELTAREG_TOKEN", TEST_TOKEN)
+        patch.setenv("DELTAREG_CONFIG_DIR", str(tmp_path_factory.mktemp("deltareg-config")))
+        yield
 
 
 @pytest.fixture(autouse=True)

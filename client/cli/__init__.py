@@ -77,4 +77,6 @@ from deltareg.client.cli import (  # noqa: E402,F401
     lineage,
     policies,
     results,
+    signing,
+    tokens,
 )

@@ -14,6 +14,7 @@ from deltareg.client.cli._options import Session, parse_pairs, parse_scores, wit
 from deltareg.client.cli.audit import Moment
 from deltareg.client.cli.evals import measured_on
 from deltareg.client.cli.lineage import parse_datasets, parse_hyperparameters, training_lines
+from deltareg.client.cli.signing import trust_options, trusted_from_files
 from deltareg.client.dense import ENCODINGS, DenseParams, DenseStats, Encoding, main_dtype
 from deltareg.client.fingerprint import fingerprint_path
 from deltareg.client.refs import Reference
@@ -143,6 +144,13 @@ def _compression_line(stats: DenseStats) -> str:
     metavar="KEY=VALUE",
     help="A hyperparameter (repeatable; a number is recorded as a number).",
 )
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="KEYFILE",
+    help="Sign the new version with this private key (registered in the namespace; checked first).",
+)
 @with_session
 def push(
     session: Session,
@@ -157,6 +165,7 @@ def push(
     datasets: tuple[str, ...],
     code_commit: str | None,
     hparams: tuple[str, ...],
+    sign_key: Path | None,
 ) -> None:
     """Push DELTA as a new version of REPO (namespace/name): a PEFT LoRA adapter folder, or a dense delta
     folder written by `deltareg diff` (its compression ratio is shown)."""
@@ -172,6 +181,7 @@ def push(
         datasets=parse_datasets(datasets),
         code_commit=code_commit,
         hyperparameters=parse_hyperparameters(hparams),
+        sign_key=sign_key,
     )
     v = result.version
     if result.created:
@@ -179,6 +189,8 @@ def push(
         human = f"pushed {v.ref} {v.digest} ({uploaded})"
     else:
         human = f"{v.ref} already holds exactly this delta {v.digest} (nothing uploaded)"
+    if result.signature is not None:
+        human += f"\nsigned with {result.signature['key_id']}"
     extra: dict[str, Any] = {}
     if v.kind == "full":
         stats = DenseParams.model_validate(v.manifest.params).stats
@@ -194,6 +206,7 @@ def push(
             "created": result.created,
             "uploaded_blobs": result.uploaded_blobs,
             "uploaded_bytes": result.uploaded_bytes,
+            "signature": result.signature,
             **extra,
         },
         human,
@@ -217,13 +230,27 @@ ALLOW_YANKED = click.option(
     help="Copy the verified version to this folder (absent or empty).",
 )
 @ALLOW_YANKED
+@trust_options
 @with_session
-def pull(session: Session, ref: str, output: Path | None, allow_yanked: bool) -> None:
+def pull(
+    session: Session,
+    ref: str,
+    output: Path | None,
+    allow_yanked: bool,
+    require_signature: bool,
+    trusted_keys: tuple[Path, ...],
+) -> None:
     """Download and verify REF; print the local folder (it loads with PeftModel.from_pretrained)."""
     registry = session.registry
     info = registry.resolve(ref, allow_yanked=allow_yanked)
     cached = registry.cache.lookup(info.digest) is not None
-    pulled = registry.pull_version(info, output=output, allow_yanked=allow_yanked)
+    pulled = registry.pull_version(
+        info,
+        output=output,
+        allow_yanked=allow_yanked,
+        require_signature=require_signature,
+        trusted_keys=trusted_from_files(trusted_keys),
+    )
     session.note(f"{info.ref} {info.digest} {'(cached)' if cached else '(downloaded and verified)'}")
     session.emit({**info.summary(), "path": str(pulled.path), "cached": cached}, str(pulled.path))
 
@@ -232,10 +259,25 @@ def pull(session: Session, ref: str, output: Path | None, allow_yanked: bool) ->
 @click.argument("target", metavar="REF|DIR")
 @click.option("--base", type=EXISTING_PATH, default=None, help="Also check that MODEL is the delta's base.")
 @ALLOW_YANKED
+@trust_options
 @with_session
-def verify(session: Session, target: str, base: Path | None, allow_yanked: bool) -> None:
-    """Verify a pulled folder or a reference: file digests, manifest digest, and optionally the base."""
-    record = session.registry.verify(target, base=base, allow_yanked=allow_yanked)
+def verify(
+    session: Session,
+    target: str,
+    base: Path | None,
+    allow_yanked: bool,
+    require_signature: bool,
+    trusted_keys: tuple[Path, ...],
+) -> None:
+    """Verify a pulled folder or a reference: file digests, manifest digest, and optionally the base
+    and the signature."""
+    record = session.registry.verify(
+        target,
+        base=base,
+        allow_yanked=allow_yanked,
+        require_signature=require_signature,
+        trusted_keys=trusted_from_files(trusted_keys),
+    )
     files = len(record.manifest.files)
     human = f"verified {record.repo}:{record.number} {record.digest}: {files} files" + (
         f"; base {base} matches {record.manifest.base.fingerprint}" if base else ""
@@ -271,6 +313,7 @@ def verify(session: Session, target: str, base: Path | None, allow_yanked: bool)
 )
 @click.option("--record", is_flag=True, help="Record the merged model's fingerprint on the version.")
 @ALLOW_YANKED
+@trust_options
 @with_session
 def apply(
     session: Session,
@@ -281,6 +324,8 @@ def apply(
     expect: str | None,
     record: bool,
     allow_yanked: bool,
+    require_signature: bool,
+    trusted_keys: tuple[Path, ...],
 ) -> None:
     """Write BASE + delta REF to OUTPUT, file to file; refuses a base the delta was not made for.
 
@@ -292,7 +337,14 @@ def apply(
             "--record with --fast needs --expect (the fast mode does not hash the whole base)"
         )
     result = registry.apply(
-        ref, base, output, verify="touched" if fast else "full", allow_yanked=allow_yanked, expect=expect
+        ref,
+        base,
+        output,
+        verify="touched" if fast else "full",
+        allow_yanked=allow_yanked,
+        expect=expect,
+        require_signature=require_signature,
+        trusted_keys=trusted_from_files(trusted_keys),
     )
     recorded = None
     if record and result.fingerprint is not None:

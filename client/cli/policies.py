@@ -80,7 +80,7 @@ def _regressions(specs: tuple[str, ...], lower_is_better: tuple[str, ...]) -> li
 @click.option(
     "--require-signature",
     is_flag=True,
-    help="The version must be signed (no version can be signed yet: every promotion is refused).",
+    help="The version must be signed by a key of the namespace that is not revoked (deltareg sign).",
 )
 @with_session
 def set_(

@@ -1,33 +1,21 @@
 """Who is acting: the name every write records (audit log, alias history, evals, approvals).
 
-Until tokens land, the client declares it in the ``X-Deltareg-Actor`` header (``DELTAREG_ACTOR``, else the
-local user name); without one the actor is ``anonymous``. It is an attribution, not authentication.
+It is the name of the API token the request carries (``deltareg.registry.auth``): an identity the server
+checked, not one the client declares. A request without a token acts as ``anonymous`` (which can only
+read, where anonymous reads are allowed, so no write records it).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from deltareg.client.errors import InvalidInput
-
-ACTOR_HEADER = "X-Deltareg-Actor"
-ANONYMOUS = "anonymous"
-# Printable, no control characters, no leading/trailing space; the length of models.ACTOR_LENGTH.
-_ACTOR = re.compile(r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]{0,254}[^\s\x00-\x1f\x7f])?$")
+from deltareg.registry.auth.principal import authenticate
 
 
 def get_actor(request: Request) -> str:
-    declared = request.headers.get(ACTOR_HEADER)
-    if declared is None or declared == "":
-        return ANONYMOUS
-    if not _ACTOR.match(declared):
-        raise InvalidInput(
-            f"the {ACTOR_HEADER} header must be 1-256 printable characters without control characters"
-        )
-    return declared
+    return authenticate(request).name
 
 
 ActorDep = Annotated[str, Depends(get_actor)]

@@ -10,6 +10,7 @@ from deltareg.registry.deps import SessionDep
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 MAX_PAGE = 1000
+MAX_ID = 2**31 - 1  # ids are INTEGER: PostgreSQL refuses a larger before_id with a 500
 
 
 def get_audit_service(session: SessionDep) -> AuditService:
@@ -23,7 +24,7 @@ AuditServiceDep = Annotated[AuditService, Depends(get_audit_service)]
 def list_audit(
     service: AuditServiceDep,
     repo: Annotated[str | None, Query(max_length=129, description="namespace/name")] = None,
-    before_id: Annotated[int | None, Query(ge=1)] = None,
+    before_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> AuditList:
     """The audit log, newest first (of one repo if given), a page at a time."""

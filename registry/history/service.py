@@ -31,8 +31,12 @@ class HistoryService:
         """Where the alias pointed at ``moment`` (a timezone-aware time)."""
         if moment.tzinfo is None:
             raise InvalidInput("the time must carry a UTC offset (e.g. 2026-11-29T14:00:00Z)")
+        try:
+            moment_utc = moment.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first moment Python can hold
+            raise InvalidInput(f"the time {moment.isoformat()} is out of range in UTC") from None
         repo = self._require_repo(namespace, name, alias)
-        row = self.aliases.in_force_at(repo.id, alias, moment.astimezone(UTC))
+        row = self.aliases.in_force_at(repo.id, alias, moment_utc)
         if row is None:
             raise AliasNotFound(f"alias {alias!r} of {repo.full_name} did not exist at {moment.isoformat()}")
         return AliasAt(repo=repo.full_name, alias=alias, at=moment, version=row[2], since=_move_out(row))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from deltareg.registry.audit.actor import ANONYMOUS
+from deltareg.registry.auth.principal import ANONYMOUS
 from deltareg.registry.policies.schemas import Policy, RegressionRule
 
 # A drop of exactly the tolerance passes, whatever the rounding of the subtraction.
@@ -18,7 +18,8 @@ _SLACK = 1e-12
 
 @dataclass(frozen=True)
 class Candidate:
-    """A version as the rules see it: its number, pusher, signature and newest value of each metric."""
+    """A version as the rules see it: its number, pusher, newest value of each metric, and whether a key of
+    its namespace that is not revoked signed it."""
 
     number: int
     pushed_by: str | None
@@ -60,7 +61,8 @@ def failures(policy: Policy, promotion: Promotion) -> list[str]:
             found.append(problem)
     if policy.require_signature and not target.signed:
         found.append(
-            f"signature required: version {target.number} is not signed (signing is not available yet)"
+            f"signature required: version {target.number} has no signature by a key of the namespace "
+            "that is not revoked"
         )
     return found
 

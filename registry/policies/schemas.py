@@ -49,7 +49,8 @@ class Policy(BaseModel):
         default=0, ge=0, le=MAX_APPROVALS, description="approvals needed from people other than the pusher"
     )
     require_signature: bool = Field(
-        default=False, description="the version must be signed (no version can be signed yet)"
+        default=False,
+        description="the version must be signed by a key of its namespace that is not revoked",
     )
 
     @model_validator(mode="after")

@@ -18,8 +18,8 @@ from deltareg.client.errors import (
     VersionYanked,
 )
 from deltareg.client.refs import validate_alias
-from deltareg.registry.audit.actor import ACTOR_HEADER, ANONYMOUS
 from deltareg.registry.audit.repository import AuditRepository
+from deltareg.registry.auth.principal import ANONYMOUS
 from deltareg.registry.evals.repository import EvalRepository
 from deltareg.registry.models import AliasPolicy, Approval, Repo, Version
 from deltareg.registry.policies.repository import ApprovalRepository, PolicyRepository
@@ -33,6 +33,7 @@ from deltareg.registry.policies.schemas import (
     PolicyList,
     PolicyOut,
 )
+from deltareg.registry.signing.repository import SignatureRepository
 from deltareg.registry.versions.repository import RepoRepository, VersionRepository
 
 
@@ -43,6 +44,7 @@ class PolicyService:
         self.evals = EvalRepository(session)
         self.policies = PolicyRepository(session)
         self.approvals = ApprovalRepository(session)
+        self.signatures = SignatureRepository(session)
         self.audit = AuditRepository(session)
 
     # ---- policies
@@ -108,9 +110,7 @@ class PolicyService:
         repo = self.repos.require(namespace, name)
         version = self.versions.require_number(repo, number)
         if actor == ANONYMOUS:
-            raise PermissionDenied(
-                f"an approval needs a named approver: set DELTAREG_ACTOR (the {ACTOR_HEADER} header)"
-            )
+            raise PermissionDenied("an approval needs a named approver: use an API token (DELTAREG_TOKEN)")
         if version.pushed_by is not None and actor == version.pushed_by:
             raise PermissionDenied(
                 f"{actor} pushed {repo.full_name}:{number} and cannot approve it; "
@@ -154,8 +154,8 @@ class PolicyService:
         policy = Policy.model_validate_json(row.policy)
         promotion = Promotion(
             alias=alias,
-            target=self._candidate(target),
-            holder=None if holder is None else self._candidate(holder),
+            target=self._candidate(repo, target),
+            holder=None if holder is None else self._candidate(repo, holder),
             approvers=[a.actor for a in self.approvals.for_version(target.id, alias)],
         )
         failed = failures(policy, promotion)
@@ -166,10 +166,11 @@ class PolicyService:
                 f"({rules} failed): " + "; ".join(failed) + "; nothing changed"
             )
 
-    def _candidate(self, version: Version) -> Candidate:
+    def _candidate(self, repo: Repo, version: Version) -> Candidate:
         # The newest value of each metric counts: rows come by (name, id), so later ones overwrite.
         metrics = {row.name: row.value for row in self.evals.for_version(version.id)}
-        return Candidate(number=version.number, pushed_by=version.pushed_by, metrics=metrics)
+        signed = self.signatures.has_valid(version.id, repo.namespace)
+        return Candidate(number=version.number, pushed_by=version.pushed_by, metrics=metrics, signed=signed)
 
     # ---- lookups
 

@@ -98,7 +98,11 @@ def _fingerprint(text: str) -> str:
     return text
 
 
+MAX_CURSOR = 2**31 - 1  # a version id (INTEGER): PostgreSQL refuses a larger one with a 500
+
+
 def _cursor(text: str) -> int:
-    if not text.isdigit() or len(text) > 18 or int(text) < 1:
+    # ASCII digits only: isdigit() also takes "²", which int() refuses.
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or not 1 <= int(text) <= MAX_CURSOR:
         raise InvalidInput(f"invalid cursor {text!r}: pass the next_cursor of the previous page unchanged")
     return int(text)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from _support.auth import token_in_database
+
 FIVE_XX = re.compile(r'" 5\d\d ')  # uvicorn access log: "POST /path HTTP/1.1" 500 Internal Server Error
 
 
@@ -57,6 +59,15 @@ class ServerProcess:
     log_path: Path
     url: str = ""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    tokens: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def token_for(self, name: str) -> str:
+        """An admin token named ``name`` in this server's database (made once): acting as ``name``."""
+        if name not in self.tokens:
+            url = self.backend.env.get("DELTAREG_DATABASE_URL")
+            url = url or f"sqlite:///{self.backend.data_dir.resolve() / 'registry.db'}"
+            self.tokens[name] = token_in_database(url, name)
+        return self.tokens[name]
 
     def start(self) -> None:
         port = free_port()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from _support.auth import TEST_TOKEN, bearer
 
 from deltareg.client.api import PulledDelta, Registry
 from deltareg.client.apply import Step, apply_steps_files, apply_steps_to_state_dict
@@ -213,7 +214,7 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
     from deltareg.registry.main import create_app
 
     settings = Settings(data_dir=tmp_path / "registry")
-    with TestClient(create_app(settings)) as http:
+    with TestClient(create_app(settings), headers=bearer(TEST_TOKEN)) as http:
         client = Registry("http://testserver", http=http, cache_dir=tmp_path / "cache", progress=False)
         client.settings = settings  # type: ignore[attr-defined]
         yield client

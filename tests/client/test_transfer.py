@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _support.auth import TEST_TOKEN
 from rich.console import Console
 from safetensors.numpy import save_file
 
@@ -49,7 +50,7 @@ from deltareg.client.transfer import BlobDownload, Transfers, TransferSettings, 
 
 KIB, MIB = 1 << 10, 1 << 20
 BASE_FINGERPRINT = "tmv1:" + "ab" * 32
-TOKEN = "secret-token-never-sent-to-the-store"
+TOKEN = TEST_TOKEN  # the registry accepts it (tests/_support/auth.py); the store must never see it
 # Small sizes so that a 1 MiB blob takes the parallel path in 16 ranges, and failures retry at once.
 FAST = TransferSettings(
     upload_workers=3,

@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from _support.auth import token_in_database
 from _support.servers import Backend, ServerProcess, free_port, wait_healthy
 
 DELTAREG = str(Path(sys.executable).with_name("deltareg"))
@@ -20,6 +21,14 @@ class Server:
     url: str
     data_dir: Path
     database_url: str | None = None  # None: the embedded default's SQLite file in data_dir
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def token_for(self, name: str) -> str:
+        """An admin token named ``name`` on this server (made once): acting as ``name``."""
+        if name not in self.tokens:
+            url = self.database_url or f"sqlite:///{self.data_dir.resolve() / 'registry.db'}"
+            self.tokens[name] = token_in_database(url, name)
+        return self.tokens[name]
 
     def blob_files(self) -> list[Path]:
         return sorted(p for p in (self.data_dir / "blobs").rglob("*") if p.is_file() and "tmp" not in p.parts)
@@ -73,6 +82,7 @@ def _serve(data_dir: Path, database_url: str | None = None) -> Iterator[Server]:
 class Cli:
     env: dict[str, str]
     cache_dir: Path
+    server: Server
 
     def __call__(self, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -85,19 +95,19 @@ class Cli:
         )
 
     def as_actor(self, actor: str) -> Cli:
-        """The same CLI acting as ``actor`` (DELTAREG_ACTOR), with the same cache."""
-        return Cli(env={**self.env, "DELTAREG_ACTOR": actor}, cache_dir=self.cache_dir)
+        """The same CLI with a token named ``actor`` (who the registry records), with the same cache."""
+        return Cli({**self.env, "DELTAREG_TOKEN": self.server.token_for(actor)}, self.cache_dir, self.server)
 
 
 @pytest.fixture
 def cli(server: Server, tmp_path: Path) -> Cli:
-    """The real CLI, pointed at the module's server, with a cache of its own."""
+    """The real CLI, pointed at the module's server, with a cache of its own and a token named ``alice``."""
     return _cli_for(server, tmp_path)
 
 
 @pytest.fixture
 def db_cli(db_server: Server, tmp_path: Path) -> Cli:
-    """The real CLI, pointed at ``db_server`` (SQLite, then PostgreSQL), acting as ``alice``.
+    """The real CLI, pointed at ``db_server`` (SQLite, then PostgreSQL), with a token named ``alice``.
 
     Act as someone else with ``db_cli.as_actor("bob")``.
     """
@@ -110,10 +120,10 @@ def _cli_for(server: Server, tmp_path: Path) -> Cli:
         **os.environ,
         "DELTAREG_URL": server.url,
         "DELTAREG_CACHE_DIR": str(cache),
-        "DELTAREG_ACTOR": "alice",
+        "DELTAREG_TOKEN": server.token_for("alice"),
     }
     env.pop("DELTAREG_DEBUG", None)
-    return Cli(env=env, cache_dir=cache)
+    return Cli(env=env, cache_dir=cache, server=server)
 
 
 @pytest.fixture(params=["sqlite-fs", "postgres-s3"])

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from _support.auth import TEST_TOKEN, bearer
 
 pytestmark = pytest.mark.slow
 
@@ -249,7 +250,11 @@ def test_a_push_whose_blobs_are_collected_before_its_commit_uploads_them_again(
 
     base = tiny_llama()
     adapter = lora_adapter(base, seed=18)
-    http = httpx.Client(base_url=server.url, event_hooks={"request": [collect_before_the_first_commit]})
+    http = httpx.Client(
+        base_url=server.url,
+        headers=bearer(TEST_TOKEN),
+        event_hooks={"request": [collect_before_the_first_commit]},
+    )
     with Registry(server.url, cache_dir=tmp_path / "cache", http=http, progress=False) as registry:
         result = registry.push(adapter, "acme/collected", base=base)
         assert (result.created, result.version.number) == (True, 1)

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _support.auth import TEST_TOKEN, bearer
 from safetensors.numpy import save_file
 from sqlalchemy import text
 
@@ -50,7 +51,7 @@ def _push(cli: Any, adapter: Path, repo: str, base: str = BASE_A) -> dict[str, A
 
 
 def _audit(server: Any, repo: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{server.url}/api/v1/audit", params={"repo": repo})
+    response = httpx.get(f"{server.url}/api/v1/audit", params={"repo": repo}, headers=bearer(TEST_TOKEN))
     assert response.status_code == 200, response.text
     entries: list[dict[str, Any]] = response.json()["entries"]
     return entries

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from _support.adapters import make_adapter
+from _support.auth import create_token
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +23,20 @@ DELTAREG = str(Path(sys.executable).with_name("deltareg"))
 
 
 class Cli:
+    """The CLI against one server, acting as whoever each call names (a token of that name)."""
+
     def __init__(self, url: str, cache: Path) -> None:
+        self.url = url
         self.env = {**os.environ, "DELTAREG_URL": url, "DELTAREG_CACHE_DIR": str(cache)}
         self.env.pop("DELTAREG_DEBUG", None)
+        self.tokens: dict[str, str] = {}
 
     def __call__(self, *args: str | Path, actor: str = "carol") -> subprocess.CompletedProcess[str]:
+        if actor not in self.tokens:
+            self.tokens[actor] = create_token(self.url, actor)
         return subprocess.run(
             [DELTAREG, *map(str, args)],
-            env={**self.env, "DELTAREG_ACTOR": actor},
+            env={**self.env, "DELTAREG_TOKEN": self.tokens[actor]},
             capture_output=True,
             text=True,
             timeout=120,
@@ -166,7 +173,7 @@ def test_policies_approvals_rollback_yank_and_pulls_through_the_cli(backend_serv
     # A signature requirement refuses every promotion (nothing can be signed yet).
     cli.ok("policy", "set", REPO, "--alias", "canary", "--require-signature")
     error = cli.fails("promote", f"{REPO}:2", "--alias", "canary")
-    assert "signature required: version 2 is not signed (signing is not available yet)" in error
+    assert "signature required: version 2 has no signature by a key of the namespace that is not" in error
 
     # Clearing the policy lifts it.
     cli.ok("policy", "clear", REPO, "--alias", "production")

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from _support.auth import TEST_TOKEN, bearer
 from _support.servers import Backend, ServerProcess
 from safetensors.numpy import save_file
 
@@ -139,7 +140,7 @@ def wait_for_partial_upload(staging: Path, before: set[Path]) -> None:
 
 def check_versions(url: str, cache: Path, first: int) -> int:
     """Every visible version numbered 1..n without gaps; versions >= ``first`` pull and verify. Returns n."""
-    answer = httpx.get(f"{url}/api/v1/repos/{REPO}", timeout=30)
+    answer = httpx.get(f"{url}/api/v1/repos/{REPO}", headers=bearer(TEST_TOKEN), timeout=30)
     if answer.status_code == 404:
         return 0
     numbers = sorted(v["number"] for v in answer.json()["versions"])

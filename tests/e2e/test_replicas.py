@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from _support.adapters import make_adapter
+from _support.auth import TEST_TOKEN, bearer
 from _support.servers import Backend, ServerProcess
 
 from deltareg.client.api import Registry
@@ -74,7 +75,7 @@ def test_concurrent_pushes_across_replicas_number_versions_without_gaps(replicas
 
     assert sorted(numbers) == list(range(1, PUSHES + 1))
     for server in replicas:
-        listed = httpx.get(f"{server.url}/api/v1/repos/{REPO}", timeout=30).json()
+        listed = httpx.get(f"{server.url}/api/v1/repos/{REPO}", headers=bearer(TEST_TOKEN), timeout=30).json()
         assert [v["number"] for v in listed["versions"]] == list(range(PUSHES, 0, -1))
     with Registry(replicas[1].url, cache_dir=tmp_path / "verify", progress=False) as registry:
         for i in (0, PUSHES // 2, PUSHES - 1):  # what was pushed is what is served, by either replica
@@ -87,15 +88,19 @@ def test_concurrent_pushes_across_replicas_number_versions_without_gaps(replicas
 
 def _audit_chain_holds(url: str, targets: set[str], action: str) -> None:
     """Writes racing on two replicas still append one unbroken chain, one entry per write."""
-    verified = httpx.get(f"{url}/api/v1/audit/verify", timeout=60).json()
+    verified = httpx.get(f"{url}/api/v1/audit/verify", headers=bearer(TEST_TOKEN), timeout=60).json()
     assert verified["ok"], verified
-    log = httpx.get(f"{url}/api/v1/audit", params={"repo": REPO, "limit": 1000}, timeout=60).json()
+    log = httpx.get(
+        f"{url}/api/v1/audit", headers=bearer(TEST_TOKEN), params={"repo": REPO, "limit": 1000}, timeout=60
+    ).json()
     assert sorted(e["target"] for e in log["entries"] if e["action"] == action) == sorted(targets)
 
 
 def _move(url: str, alias: str, version: int, expected: int | None) -> httpx.Response:
     body = {"version": version, "expected": expected, "reason": f"to {version}"}
-    return httpx.put(f"{url}/api/v1/repos/{REPO}/aliases/{alias}", json=body, timeout=60)
+    return httpx.put(
+        f"{url}/api/v1/repos/{REPO}/aliases/{alias}", json=body, headers=bearer(TEST_TOKEN), timeout=60
+    )
 
 
 def _race(replicas: list[ServerProcess], moves: list[tuple[int, int | None]]) -> list[httpx.Response]:
@@ -112,7 +117,9 @@ def _race(replicas: list[ServerProcess], moves: list[tuple[int, int | None]]) ->
 
 
 def _holder(url: str, alias: str) -> int:
-    answer = httpx.get(f"{url}/api/v1/resolve", params={"ref": f"{REPO}@{alias}"}, timeout=30)
+    answer = httpx.get(
+        f"{url}/api/v1/resolve", headers=bearer(TEST_TOKEN), params={"ref": f"{REPO}@{alias}"}, timeout=30
+    )
     return int(answer.json()["number"])
 
 
@@ -143,9 +150,13 @@ def test_concurrent_alias_moves_have_exactly_one_winner_per_expected_value(repli
         assert _holder(replicas[0].url, "production") == _holder(replicas[1].url, "production") == holder
 
     assert _moves_recorded(replicas[0].backend) == history
-    verified = httpx.get(f"{replicas[1].url}/api/v1/audit/verify", timeout=60).json()
+    verified = httpx.get(
+        f"{replicas[1].url}/api/v1/audit/verify", headers=bearer(TEST_TOKEN), timeout=60
+    ).json()
     assert verified["ok"], verified
-    log = httpx.get(f"{replicas[1].url}/api/v1/audit", params={"limit": 1000}, timeout=60).json()["entries"]
+    log = httpx.get(
+        f"{replicas[1].url}/api/v1/audit", headers=bearer(TEST_TOKEN), params={"limit": 1000}, timeout=60
+    ).json()["entries"]
     moves = [
         (e["details"]["from"], e["details"]["to"]) for e in reversed(log) if e["action"] == "alias.promote"
     ]

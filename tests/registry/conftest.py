@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from _support.auth import TEST_TOKEN, act_as, bearer
 from fastapi.testclient import TestClient
 from safetensors.numpy import save as save_safetensors
 from sqlalchemy import text
@@ -126,6 +127,10 @@ class RegistryHelper:
     safetensors_bytes = staticmethod(safetensors_bytes)
     lora_files = staticmethod(lora_files)
     manifest_for = staticmethod(manifest_for)
+
+    def act_as(self, name: str) -> dict[str, str]:
+        """Headers of a request made by ``name`` (an admin token of that name; see _support.auth)."""
+        return act_as(self.client, name)
 
     def __init__(self, client: TestClient, settings: Settings, moto: Any = None) -> None:
         self.client = client
@@ -304,7 +309,7 @@ class _RegistryOrStore(_TESTCLIENT_HTTP.BaseTransport):  # type: ignore[misc]
 @contextmanager
 def app_client(settings: Settings) -> Iterator[TestClient]:
     """A TestClient of an app for ``settings`` that also reaches the S3 store (see _RegistryOrStore)."""
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=bearer(TEST_TOKEN)) as client:
         client._transport = _RegistryOrStore(client._transport)  # no public hook for this in httpx
         yield client
 

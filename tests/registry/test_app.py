@@ -45,7 +45,8 @@ def test_unhandled_error_is_a_generic_500_and_logged(client, settings, caplog):
     # Break the database under the running app: a genuine unexpected failure, not an unavailable one.
     engine = make_engine(settings.database_url)
     with engine.begin() as connection:
-        for table in ("aliases", "alias_moves", "approvals", "evals", "version_files", "versions"):
+        dependents = ("aliases", "alias_moves", "approvals", "evals", "expected_results", "signatures")
+        for table in (*dependents, "version_files", "versions"):
             connection.execute(text(f"DROP TABLE {table}"))
     engine.dispose()
     with caplog.at_level(logging.ERROR, logger="deltareg.registry"):

@@ -14,7 +14,6 @@ from _support.database import yank_in_database
 pytestmark = pytest.mark.backends("fs")
 
 REPO = "acme/scored"
-ALICE = {"X-Deltareg-Actor": "alice"}
 
 
 @pytest.fixture
@@ -22,13 +21,13 @@ def pushed(registry: Any) -> dict[str, Any]:
     return registry.push(REPO, registry.lora_files(0))
 
 
-def record(registry: Any, number: int, evals: Any, *, repo: str = REPO, headers: Any = ALICE) -> Any:
+def record(registry: Any, number: int, evals: Any, *, repo: str = REPO, by: str = "alice") -> Any:
     path = f"/api/v1/repos/{repo}/versions/{number}/evals"
-    return registry.client.post(path, json={"evals": evals}, headers=headers)
+    return registry.client.post(path, json={"evals": evals}, headers=registry.act_as(by))
 
 
 def record_raw(registry: Any, number: int, body: bytes) -> Any:
-    headers = {**ALICE, "content-type": "application/json"}
+    headers = {**registry.act_as("alice"), "content-type": "application/json"}
     return registry.client.post(
         f"/api/v1/repos/{REPO}/versions/{number}/evals", content=body, headers=headers
     )
@@ -74,10 +73,14 @@ def test_scores_are_recorded_with_every_field_and_the_actor(registry, pushed):
     assert registry.count_rows()["evals"] == 2
 
 
-def test_without_an_actor_header_the_actor_is_anonymous(registry, pushed):
-    response = record(registry, 1, [{"name": "f1", "value": 0.5}], headers={})
+def test_the_actor_is_the_tokens_name_whatever_a_header_declares(registry, pushed):
+    path = f"/api/v1/repos/{REPO}/versions/1/evals"
+    headers = {**registry.act_as("alice"), "X-Deltareg-Actor": "mallory"}
+    response = registry.client.post(path, json={"evals": [{"name": "f1", "value": 0.5}]}, headers=headers)
     assert response.status_code == 201, response.text
-    assert response.json()["evals"][0]["actor"] == "anonymous"
+    assert response.json()["evals"][0]["actor"] == "alice"
+    anonymous = registry.client.post(path, json={"evals": []}, headers={"Authorization": ""})
+    assert anonymous.status_code == 401  # writes need a token
 
 
 def test_later_scores_accumulate_and_are_all_kept(registry, pushed):

@@ -10,7 +10,9 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from _support.auth import TEST_TOKEN, bearer
 from click.testing import CliRunner
+from pydantic import SecretStr
 from sqlalchemy import event, text
 
 from deltareg.client.cli import cli
@@ -217,7 +219,7 @@ def test_the_server_collects_periodically_when_asked(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTAREG_GC_GRACE_SECONDS", "0")
     data = b"collected by the server itself"
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    with TestClient(create_app(Settings(data_dir=tmp_path / "data"))) as client:
+    with TestClient(create_app(Settings(data_dir=tmp_path / "data")), headers=bearer(TEST_TOKEN)) as client:
         assert client.put(f"/api/v1/blobs/{digest}", content=data).status_code == 201
         store = client.app.state.store  # type: ignore[attr-defined]
         deadline = time.monotonic() + 30
@@ -230,6 +232,8 @@ def server_env(settings: Any) -> dict[str, str]:
     """The DELTAREG_* variables that make Settings() in another process equal to ``settings``."""
     env = {}
     for key, value in settings.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         if value is not None:
             env[f"DELTAREG_{key.upper()}"] = str(value)
     return env

@@ -33,7 +33,7 @@ WRITES = [
 @pytest.mark.parametrize("method, path, body", WRITES, ids=[w[1].rsplit("/", 1)[-1] for w in WRITES])
 def test_a_nul_in_a_json_body_is_refused(registry, one_version, settings, method, path, body):
     before = registry.count_rows()
-    response = registry.client.request(method, path, json=body, headers={"X-Deltareg-Actor": "bob"})
+    response = registry.client.request(method, path, json=body, headers=registry.act_as("bob"))
     assert response.status_code == 400, response.text
     assert "NUL" in response.json()["detail"]
     assert registry.count_rows() == before

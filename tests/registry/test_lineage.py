@@ -104,7 +104,7 @@ def test_lineage_of_a_middle_version_has_its_ancestors_descendants_and_aliases(r
     assert root["code_commit"] == "0123abcd"
     assert root["hyperparameters"] == {"lr": 0.0001, "epochs": 3, "scheduler": "cosine"}
     assert root["parent"] == digest["base:2"]
-    assert root["pushed_by"] == "anonymous"
+    assert root["pushed_by"] == "bootstrap"
     assert root["yanked"] is None
     assert root["base_fingerprint"] == registry.manifest_for(registry.lora_files(4))["base"]["fingerprint"]
     assert root["manifest"] is None  # only on request

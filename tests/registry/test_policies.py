@@ -12,7 +12,6 @@ from _support.database import sql
 pytestmark = pytest.mark.backends("fs")
 
 REPO = "acme/bot"
-ACTOR = "X-Deltareg-Actor"
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -26,23 +25,25 @@ def push(
     registry.upload_all(files)
     pairs = evals.items() if isinstance(evals, dict) else evals
     body = {"manifest": registry.manifest_for(files), "evals": [{"name": n, "value": v} for n, v in pairs]}
-    response = registry.client.post(f"/api/v1/repos/{REPO}/versions", json=body, headers={ACTOR: by})
+    response = registry.client.post(f"/api/v1/repos/{REPO}/versions", json=body, headers=registry.act_as(by))
     assert response.status_code == 201, response.text
     return int(response.json()["number"])
 
 
 def promote(registry: Any, alias: str, version: int, expected: int | None, *, by: str = "carol") -> Any:
     body = {"version": version, "expected": expected}
-    return registry.client.put(f"/api/v1/repos/{REPO}/aliases/{alias}", json=body, headers={ACTOR: by})
+    return registry.client.put(
+        f"/api/v1/repos/{REPO}/aliases/{alias}", json=body, headers=registry.act_as(by)
+    )
 
 
 def set_policy(registry: Any, alias: str, policy: dict[str, Any], *, by: str = "admin") -> Any:
     path = f"/api/v1/repos/{REPO}/aliases/{alias}/policy"
-    return registry.client.put(path, json=policy, headers={ACTOR: by})
+    return registry.client.put(path, json=policy, headers=registry.act_as(by))
 
 
 def approve(registry: Any, version: int, alias: str, *, by: str | None, comment: str | None = None) -> Any:
-    headers = {ACTOR: by} if by else {}
+    headers = registry.act_as(by) if by else {"Authorization": ""}  # "": no token
     path = f"/api/v1/repos/{REPO}/versions/{version}/approvals"
     return registry.client.post(path, json={"alias": alias, "comment": comment}, headers=headers)
 
@@ -103,7 +104,7 @@ def test_set_show_replace_and_delete_a_policy_all_audited(registry):
     ]
 
     deleted = registry.client.delete(
-        f"/api/v1/repos/{REPO}/aliases/production/policy", headers={ACTOR: "root"}
+        f"/api/v1/repos/{REPO}/aliases/production/policy", headers=registry.act_as("root")
     )
     assert (deleted.status_code, deleted.json()["policy"]) == (200, normalized)
     gone = registry.client.get(f"/api/v1/repos/{REPO}/aliases/production/policy")
@@ -117,7 +118,7 @@ def test_set_show_replace_and_delete_a_policy_all_audited(registry):
         ("policy.set", "root", f"{REPO}@production"),
         ("policy.set", "admin", f"{REPO}@staging"),
         ("policy.delete", "root", f"{REPO}@production"),
-        ("policy.delete.refused", "anonymous", f"{REPO}@production"),
+        ("policy.delete.refused", "bootstrap", f"{REPO}@production"),
     ]
     assert (entries[0]["details"]["old"], entries[0]["details"]["new"]) == (None, POLICY)
     assert (entries[1]["details"]["old"], entries[1]["details"]["new"]) == (POLICY, normalized)
@@ -215,11 +216,11 @@ RULES = {
         {},
         {"accuracy": 1.0},
         [],
-        "signature required: version 2 is not signed (signing is not available yet)",
+        "signature required: version 2 has no signature by a key of the namespace that is not revoked",
     ),
 }
 
-# The same rules, met (the signature cannot be: no version can be signed yet).
+# The same rules, met (a signature is met in tests/registry/test_signing.py, which registers keys).
 PASSING = {
     "min": ({"accuracy": 0.8}, []),  # the minimum itself passes
     "max": ({"loss": 1.2}, []),
@@ -300,7 +301,8 @@ def test_every_failed_rule_is_listed(registry):
         "loss 1.5 > maximum 1.2; "
         "accuracy 0.71 regresses from 0.85 held by version 1 (tolerance 0.01); "
         "1 of 2 approvals for production: bob (approvals from the pusher alice do not count); "
-        "signature required: version 2 is not signed (signing is not available yet); nothing changed"
+        "signature required: version 2 has no signature by a key of the namespace "
+        "that is not revoked; nothing changed"
     )
     assert holder(registry, "production") == 1
 
@@ -373,10 +375,11 @@ def test_approvals_are_refused_for_the_pusher_and_for_anonymous(registry):
     assert (own.status_code, own.json()["error"]) == (403, "permission_denied")
     assert "alice pushed acme/bot:1 and cannot approve it" in own.json()["detail"]
     nobody = approve(registry, 1, "production", by=None)
-    assert (nobody.status_code, nobody.json()["error"]) == (403, "permission_denied")
-    assert "DELTAREG_ACTOR" in nobody.json()["detail"]
+    assert (nobody.status_code, nobody.json()["error"]) == (401, "authentication_required")
+    assert "needs an API token with the 'promote' scope" in nobody.json()["detail"]
     assert count(registry.settings, "approvals") == 0
-    assert actions(registry) == ["push", "approve.refused", "approve.refused"]
+    # Without a token the request never reaches the route: only the pusher's refusal is audited.
+    assert actions(registry) == ["push", "approve.refused"]
 
 
 def test_approving_twice_is_idempotent(registry):
@@ -426,6 +429,6 @@ def test_approvals_count_for_their_alias_only(registry):
 )
 def test_bad_approvals_are_refused(registry, path, body, status, code):
     push(registry, 0, {}, by="alice")
-    response = registry.client.post(f"/api/v1/repos/{REPO}/{path}", json=body, headers={ACTOR: "bob"})
+    response = registry.client.post(f"/api/v1/repos/{REPO}/{path}", json=body, headers=registry.act_as("bob"))
     assert (response.status_code, response.json()["error"]) == (status, code), response.text
     assert count(registry.settings, "approvals") == 0

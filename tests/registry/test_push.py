@@ -7,6 +7,7 @@ import pickle
 import struct
 
 import pytest
+from _support.auth import TEST_TOKEN, bearer
 from fastapi.testclient import TestClient
 
 from deltareg.registry.config import Settings
@@ -294,7 +295,7 @@ def test_invalid_repo_names_are_refused_and_nothing_stored(registry):
 
 def test_manifest_body_over_the_limit_is_413(tmp_path):
     settings = Settings(data_dir=tmp_path / "d", max_manifest_bytes=2000)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=bearer(TEST_TOKEN)) as client:
         manifest = {"kind": "lora", "metadata": {"notes": "x" * 3000}}
         response = client.post(f"/api/v1/repos/{REPO}/versions", json={"manifest": manifest})
     assert response.status_code == 413

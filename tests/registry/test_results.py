@@ -14,7 +14,6 @@ from _support.database import sql, yank_in_database
 pytestmark = pytest.mark.backends("fs")  # SQLite and PostgreSQL
 
 REPO = "acme/merged"
-ALICE = {"X-Deltareg-Actor": "alice"}
 RESULT = "tmv1:" + "12" * 32
 OTHER = "tmv1:" + "34" * 32
 
@@ -24,9 +23,9 @@ def pushed(registry: Any) -> dict[str, Any]:
     return registry.push(REPO, registry.lora_files(0))
 
 
-def record(registry: Any, dtype: str, fingerprint: Any, *, number: int = 1, headers: Any = ALICE) -> Any:
+def record(registry: Any, dtype: str, fingerprint: Any, *, number: int = 1, by: str = "alice") -> Any:
     path = f"/api/v1/repos/{REPO}/versions/{number}/results/{dtype}"
-    return registry.client.put(path, json={"fingerprint": fingerprint}, headers=headers)
+    return registry.client.put(path, json={"fingerprint": fingerprint}, headers=registry.act_as(by))
 
 
 def listed(registry: Any, number: int = 1) -> list[dict[str, Any]]:
@@ -97,7 +96,7 @@ def test_a_version_without_results_lists_none(registry, pushed):
 def test_recording_the_same_fingerprint_again_is_idempotent(registry, pushed):
     first = record(registry, "F16", RESULT).json()
     before = audit(registry)
-    again = record(registry, "F16", RESULT, headers={"X-Deltareg-Actor": "bob"})
+    again = record(registry, "F16", RESULT, by="bob")
     assert again.status_code == 200, again.text
     assert again.json() == {**first, "created": False}  # the first record, first actor included
     assert audit(registry) == before
@@ -149,7 +148,7 @@ def test_a_malformed_fingerprint_is_400(registry, pushed, fingerprint):
 def test_a_bad_body_is_400(registry, pushed, body):
     before = audit(registry)
     path = f"/api/v1/repos/{REPO}/versions/1/results/F32"
-    headers = {**ALICE, "content-type": "application/json"}
+    headers = {**registry.act_as("alice"), "content-type": "application/json"}
     response = registry.client.put(path, content=body, headers=headers)
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid_input"
@@ -169,7 +168,9 @@ def test_an_unknown_version_is_404_and_audited(registry, pushed):
 
 def test_an_unknown_repo_is_404(registry, pushed):
     response = registry.client.put(
-        "/api/v1/repos/acme/nowhere/versions/1/results/F32", json={"fingerprint": RESULT}, headers=ALICE
+        "/api/v1/repos/acme/nowhere/versions/1/results/F32",
+        json={"fingerprint": RESULT},
+        headers=registry.act_as("alice"),
     )
     assert response.status_code == 404, response.text
     assert response.json()["error"] == "repo_not_found"

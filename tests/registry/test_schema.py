@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from _support.auth import TEST_TOKEN, bearer
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -103,7 +104,7 @@ def test_the_server_refuses_a_schema_from_a_newer_release(migrated_postgres_data
 
 def test_auto_migrate_can_be_asked_for_on_postgres(postgres_database, tmp_path):
     settings = Settings(data_dir=tmp_path, database_url=postgres_database, auto_migrate=True)
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), headers=bearer(TEST_TOKEN)) as client:
         assert client.get("/readyz").json() == {"status": "ready"}
     assert current_revision(postgres_database) == head_revision()
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from _support.auth import act_as
 from _support.database import sql
 from sqlalchemy import text
 
@@ -21,7 +22,6 @@ from deltareg.registry.db import make_engine
 pytestmark = pytest.mark.backends("fs")
 
 REPO = "acme/bot"
-ACTOR = "X-Deltareg-Actor"
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -34,23 +34,25 @@ def push(registry: Any, seed: int, evals: dict[str, float] | None = None, *, by:
         "manifest": registry.manifest_for(files),
         "evals": [{"name": n, "value": v} for n, v in (evals or {}).items()],
     }
-    response = registry.client.post(f"/api/v1/repos/{REPO}/versions", json=body, headers={ACTOR: by})
+    response = registry.client.post(f"/api/v1/repos/{REPO}/versions", json=body, headers=registry.act_as(by))
     assert response.status_code == 201, response.text
     return int(response.json()["number"])
 
 
 def promote(client: Any, alias: str, version: int, expected: int | None) -> Any:
     body = {"version": version, "expected": expected}
-    return client.put(f"/api/v1/repos/{REPO}/aliases/{alias}", json=body, headers={ACTOR: "carol"})
+    return client.put(f"/api/v1/repos/{REPO}/aliases/{alias}", json=body, headers=act_as(client, "carol"))
 
 
 def rollback(client: Any, alias: str, **body: Any) -> Any:
-    return client.post(f"/api/v1/repos/{REPO}/aliases/{alias}/rollback", json=body, headers={ACTOR: "carol"})
+    return client.post(
+        f"/api/v1/repos/{REPO}/aliases/{alias}/rollback", json=body, headers=act_as(client, "carol")
+    )
 
 
 def yank(client: Any, version: int, reason: str = "toxic outputs", **body: Any) -> Any:
     path = f"/api/v1/repos/{REPO}/versions/{version}/yank"
-    return client.post(path, json={"reason": reason, **body}, headers={ACTOR: "sec"})
+    return client.post(path, json={"reason": reason, **body}, headers=act_as(client, "sec"))
 
 
 def resolve(registry: Any, ref: str, **params: Any) -> Any:
@@ -263,7 +265,7 @@ def test_yanking_twice_is_a_conflict_giving_the_first_reason(registry):
     push(registry, 0)
     assert yank(registry.client, 1, "first reason").status_code == 200
     again = registry.client.post(
-        f"/api/v1/repos/{REPO}/versions/1/yank", json={"reason": "second"}, headers={ACTOR: "mallory"}
+        f"/api/v1/repos/{REPO}/versions/1/yank", json={"reason": "second"}, headers=registry.act_as("mallory")
     )
     assert (again.status_code, again.json()["error"]) == (409, "conflict")
     assert "acme/bot:1 was already yanked by sec" in again.json()["detail"]
@@ -347,7 +349,9 @@ def test_a_yanked_version_cannot_be_promoted(registry):
     assert (holder(registry, "production"), holder(registry, "staging")) == (1, None)
     assert [e["action"] for e in audit(registry)][-2:] == ["alias.promote.refused", "alias.promote.refused"]
     approval = registry.client.post(
-        f"/api/v1/repos/{REPO}/versions/2/approvals", json={"alias": "production"}, headers={ACTOR: "bob"}
+        f"/api/v1/repos/{REPO}/versions/2/approvals",
+        json={"alias": "production"},
+        headers=registry.act_as("bob"),
     )
     assert (approval.status_code, approval.json()["error"]) == (410, "version_yanked")
 
