@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Request
+from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
 from deltareg.client.errors import InvalidInput, PayloadTooLarge
@@ -85,3 +85,12 @@ def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
 
     resolved: dict[str, Any] = resolve(schema)
     return resolved
+
+
+async def raw_json_body(request: Request, settings: SettingsDep) -> bytes:
+    """The request body, at most ``max_json_bytes``, for a route that parses it inside its write (so a
+    malformed body is a refusal the route audits)."""
+    return await read_limited(request, settings.max_json_bytes)
+
+
+RawJsonBody = Annotated[bytes, Depends(raw_json_body)]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from deltareg.client.errors import InvalidInput
+from deltareg.client.refs import MAX_VERSION
 from deltareg.registry.config import Settings
 from deltareg.registry.db import get_session
 from deltareg.registry.storage import BlobStore
@@ -26,6 +27,7 @@ def get_store(request: Request) -> BlobStore:
 # scope="function": commit before the response is sent, so a failed commit is the client's error too.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
 
 

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends
 
-from deltareg.client.refs import MAX_VERSION
 from deltareg.registry.audit.refusals import RefusalsDep
-from deltareg.registry.body import openapi_body, read_limited
-from deltareg.registry.deps import SessionDep, SettingsDep
+from deltareg.registry.body import RawJsonBody, openapi_body
+from deltareg.registry.deps import SessionDep, VersionNumber
 from deltareg.registry.evals.schemas import EvalsRecorded, RecordEvalsRequest, parse_record_request
 from deltareg.registry.evals.service import EvalService
 
@@ -18,13 +17,7 @@ def get_eval_service(session: SessionDep) -> EvalService:
     return EvalService(session)
 
 
-async def raw_body(request: Request, settings: SettingsDep) -> bytes:
-    return await read_limited(request, settings.max_json_bytes)
-
-
 EvalServiceDep = Annotated[EvalService, Depends(get_eval_service)]
-RawBody = Annotated[bytes, Depends(raw_body)]
-VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 
 
 @router.post(
@@ -36,7 +29,7 @@ def record_evals(
     namespace: str,
     name: str,
     number: VersionNumber,
-    body: RawBody,
+    body: RawJsonBody,
     service: EvalServiceDep,
     refusals: RefusalsDep,
 ) -> EvalsRecorded:

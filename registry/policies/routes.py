@@ -2,12 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 
-from deltareg.client.refs import MAX_VERSION
 from deltareg.registry.audit.refusals import RefusalsDep
 from deltareg.registry.body import json_body, openapi_body
-from deltareg.registry.deps import SessionDep
+from deltareg.registry.deps import SessionDep, VersionNumber
 from deltareg.registry.policies.schemas import (
     ApprovalCreated,
     ApprovalList,
@@ -28,7 +27,6 @@ def get_policy_service(session: SessionDep) -> PolicyService:
 PolicyServiceDep = Annotated[PolicyService, Depends(get_policy_service)]
 PolicyBody = Annotated[Policy, Depends(json_body(Policy, lambda s: s.max_json_bytes))]
 ApproveBody = Annotated[ApproveRequest, Depends(json_body(ApproveRequest, lambda s: s.max_json_bytes))]
-VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 
 
 @router.put("/aliases/{alias}/policy", openapi_extra=openapi_body(Policy))

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Response
 
-from deltareg.client.refs import MAX_VERSION
 from deltareg.registry.audit.refusals import RefusalsDep
-from deltareg.registry.body import openapi_body, read_limited
-from deltareg.registry.deps import SessionDep, SettingsDep
+from deltareg.registry.body import RawJsonBody, openapi_body
+from deltareg.registry.deps import SessionDep, VersionNumber
 from deltareg.registry.results.schemas import (
     RecordResultRequest,
     ResultList,
@@ -25,13 +24,7 @@ def get_result_service(session: SessionDep) -> ResultService:
     return ResultService(session)
 
 
-async def raw_body(request: Request, settings: SettingsDep) -> bytes:
-    return await read_limited(request, settings.max_json_bytes)
-
-
 ResultServiceDep = Annotated[ResultService, Depends(get_result_service)]
-RawBody = Annotated[bytes, Depends(raw_body)]
-VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 
 
 @router.put(
@@ -45,7 +38,7 @@ def record_result(
     name: str,
     number: VersionNumber,
     base_dtype: str,
-    body: RawBody,
+    body: RawJsonBody,
     response: Response,
     service: ResultServiceDep,
     refusals: RefusalsDep,

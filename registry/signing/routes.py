@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Response
 
-from deltareg.client.refs import MAX_VERSION
 from deltareg.registry.audit.refusals import RefusalsDep
 from deltareg.registry.auth.rules import VERSION
-from deltareg.registry.body import openapi_body, read_limited
-from deltareg.registry.deps import SessionDep, SettingsDep
+from deltareg.registry.body import RawJsonBody, openapi_body
+from deltareg.registry.deps import SessionDep, VersionNumber
 from deltareg.registry.signing.schemas import (
     KeyList,
     KeyRegistered,
@@ -35,13 +34,7 @@ def get_signing_service(session: SessionDep) -> SigningService:
     return SigningService(session)
 
 
-async def raw_body(request: Request, settings: SettingsDep) -> bytes:
-    return await read_limited(request, settings.max_json_bytes)
-
-
 SigningServiceDep = Annotated[SigningService, Depends(get_signing_service)]
-RawBody = Annotated[bytes, Depends(raw_body)]
-VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 
 
 @router.post(
@@ -51,7 +44,7 @@ VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
     responses={200: {"model": KeyRegistered, "description": "the key was registered before"}},
 )
 def register_key(
-    namespace: str, body: RawBody, response: Response, service: SigningServiceDep, refusals: RefusalsDep
+    namespace: str, body: RawJsonBody, response: Response, service: SigningServiceDep, refusals: RefusalsDep
 ) -> KeyRegistered:
     """Register an Ed25519 public key in a namespace: signatures by it count for the namespace's repos.
 
@@ -100,7 +93,7 @@ def sign(
     namespace: str,
     name: str,
     number: VersionNumber,
-    body: RawBody,
+    body: RawJsonBody,
     response: Response,
     service: SigningServiceDep,
     refusals: RefusalsDep,

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 
-from deltareg.client.refs import MAX_VERSION
 from deltareg.registry.audit.refusals import RefusalsDep
 from deltareg.registry.body import json_body, openapi_body
-from deltareg.registry.deps import SessionDep, StoreDep
+from deltareg.registry.deps import SessionDep, StoreDep, VersionNumber
 from deltareg.registry.versions.schemas import (
     CreateVersionRequest,
     RepoDetail,
@@ -31,7 +30,6 @@ CreateVersionBody = Annotated[
     CreateVersionRequest, Depends(json_body(CreateVersionRequest, lambda s: s.max_manifest_bytes))
 ]
 YankBody = Annotated[YankRequest, Depends(json_body(YankRequest, lambda s: s.max_json_bytes))]
-VersionNumber = Annotated[int, Path(ge=1, le=MAX_VERSION)]
 
 
 @router.post(

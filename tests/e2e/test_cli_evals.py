@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
+from _support.adapters import make_adapter
 from _support.auth import TEST_TOKEN, bearer
-from safetensors.numpy import save_file
 from sqlalchemy import text
 
 from deltareg.registry.db import make_engine
@@ -30,19 +29,8 @@ def _json(result: Any) -> Any:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Minimal PEFT LoRA adapter folders (one target module), different bytes for each."""
-    folders = []
-    for seed in range(4):
-        folder = tmp_path_factory.mktemp(f"adapter-{seed}")
-        rng = np.random.default_rng(seed)
-        tensors = {
-            "base_model.model.layer.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
-            "base_model.model.layer.lora_B.weight": rng.standard_normal((16, 2)).astype(np.float32),
-        }
-        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"]}
-        (folder / "adapter_config.json").write_text(json.dumps(config))
-        folders.append(folder)
-    return folders
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(root / f"adapter-{seed}", seed=seed) for seed in range(4)]
 
 
 def _push(cli: Any, adapter: Path, repo: str, base: str = BASE_A) -> dict[str, Any]:

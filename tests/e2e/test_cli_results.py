@@ -4,12 +4,10 @@ SQLite and PostgreSQL by tests/registry/test_results.py)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from _support.adapters import make_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -23,21 +21,12 @@ def _json(result: Any) -> Any:
     return json.loads(result.stdout)
 
 
-def _adapter(folder: Path) -> Path:
-    rng = np.random.default_rng(0)
-    tensors = {
-        "base_model.model.layer.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
-        "base_model.model.layer.lora_B.weight": rng.standard_normal((16, 2)).astype(np.float32),
-    }
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
-
-
 def test_result_record_and_list(cli, tmp_path):
     repo = "results/bot"
-    assert cli("push", _adapter(tmp_path), repo, "--base", BASE, "--json").returncode == 0
+    assert (
+        cli("push", make_adapter(tmp_path / "adapter", seed=0), repo, "--base", BASE, "--json").returncode
+        == 0
+    )
 
     recorded = cli("result", "record", f"{repo}:1", "--dtype", "bf16", RESULT)
     assert recorded.returncode == 0, recorded.stderr

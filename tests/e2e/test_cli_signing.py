@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import stat
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from _support.adapters import make_adapter
 
 from deltareg.client.signing import TRUSTED_KEYS_ENV
 
@@ -24,19 +22,6 @@ REPO = "signing/bot"
 def _json(result: Any) -> Any:
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def _adapter(folder: Path, seed: int) -> Path:
-    folder.mkdir()
-    rng = np.random.default_rng(seed)
-    tensors = {
-        "base_model.model.layer.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
-        "base_model.model.layer.lora_B.weight": rng.standard_normal((16, 2)).astype(np.float32),
-    }
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
 
 
 def _with_env(cli: Any, **env: str) -> Any:
@@ -65,7 +50,7 @@ def test_signed_pushes_and_pulls_that_require_a_signature(cli, tmp_path):
     trusted.write_text(f"# release keys\n{public_line}\n")
 
     # A push signed by a key that is not registered is refused before anything is uploaded.
-    unregistered = cli("push", _adapter(tmp_path / "v1", 1), REPO, "--base", BASE, "--sign-key", key)
+    unregistered = cli("push", make_adapter(tmp_path / "v1", seed=1), REPO, "--base", BASE, "--sign-key", key)
     assert unregistered.returncode == 1 and "register it" in unregistered.stderr
     assert cli("show", REPO).returncode == 1  # nothing was pushed: the repo does not exist
 
@@ -94,7 +79,7 @@ def test_signed_pushes_and_pulls_that_require_a_signature(cli, tmp_path):
     assert by_trusted_env("verify", f"{REPO}:1", "--require-signature").returncode == 0
 
     # An unsigned version is refused, before the download and again once it is cached.
-    v2 = _json(cli("push", _adapter(tmp_path / "v2", 2), REPO, "--base", BASE, "--json"))["digest"]
+    v2 = _json(cli("push", make_adapter(tmp_path / "v2", seed=2), REPO, "--base", BASE, "--json"))["digest"]
     unsigned = cli("pull", f"{REPO}:2", "--require-signature", "--trusted-keys", trusted)
     assert unsigned.returncode == 3 and "is not signed" in unsigned.stderr
     assert not _cached(cli, v2)
@@ -112,8 +97,8 @@ def test_signed_pushes_and_pulls_that_require_a_signature(cli, tmp_path):
     assert [(s["key_id"], s["actor"], s["key_revoked"]) for s in listed] == [(key_id, "alice", False)]
 
     # A chain: every ancestor must be signed too; a signed child of an unsigned parent is refused.
-    v3 = _json(cli("push", _adapter(tmp_path / "v3", 3), REPO, "--base", BASE, "--json"))["digest"]
-    child = _adapter(tmp_path / "v4", 4)
+    v3 = _json(cli("push", make_adapter(tmp_path / "v3", seed=3), REPO, "--base", BASE, "--json"))["digest"]
+    child = make_adapter(tmp_path / "v4", seed=4)
     v4 = _json(
         cli("push", child, REPO, "--base", BASE, "--parent", f"{REPO}:3", "--sign-key", key, "--json")
     )["digest"]
