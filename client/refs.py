@@ -14,15 +14,22 @@ NAME_PART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ALIAS = re.compile(r"[a-z][a-z0-9._-]{0,63}")
 DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_VERSION = 2**31 - 1
+# Names a repository part may not take: device names that Windows refuses as a file or folder name, whatever
+# the extension (a pulled version's folder or a mirror could be named after its repository).
+RESERVED_NAMES = frozenset(
+    {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+)
 
 
 def validate_name_part(part: str, what: str = "name") -> str:
     """Check one part of a repository name; the error says what a valid name looks like."""
-    if not NAME_PART.fullmatch(part) or ".." in part:
+    if not NAME_PART.fullmatch(part) or ".." in part or part.endswith("."):
         raise InvalidName(
             f"invalid repository {what} {part!r}: use lower-case letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit, at most 64 characters, no '..'"
+            "starting with a letter or digit, at most 64 characters, no '..', not ending with '.'"
         )
+    if part.split(".", 1)[0] in RESERVED_NAMES:
+        raise InvalidName(f"invalid repository {what} {part!r}: {part.split('.', 1)[0]!r} is a reserved name")
     return part
 
 
