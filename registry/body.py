@@ -30,7 +30,7 @@ async def read_limited(request: Request, limit: int) -> bytes:
     """The JSON request body, refusing it (413) as soon as it is known to exceed ``limit`` bytes, and
     (400) when a string in it holds a NUL character."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():

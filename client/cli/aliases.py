@@ -27,7 +27,13 @@ class ExpectedHolder(click.ParamType[int | None | Literal["current"], Any]):
         text = str(value).strip().lower()
         if text == "none":
             return None
-        if text.isdigit() and not text.startswith("0") and int(text) <= MAX_VERSION:
+        if (
+            text.isascii()
+            and text.isdigit()
+            and len(text) <= 10
+            and not text.startswith("0")
+            and int(text) <= MAX_VERSION
+        ):
             return int(text)
         self.fail(f"{value!r} is not a version number (1, 2, ...) or 'none'", param, ctx)
 

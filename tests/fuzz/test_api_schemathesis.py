@@ -220,3 +220,23 @@ def test_nan_in_valid_bodies_gets_a_client_error(
         method, case.formatted_path, content=body, headers={"content-type": "application/json"}
     )
     assert response.status_code < 500, f"{body[:300]!r}: {response.status_code} {response.text[:300]}"
+
+
+# Requests that once got a 500 (found by this fuzzing), kept as fixed examples.
+KNOWN_HOSTILE_REQUESTS = [
+    ("POST", f"/api/v1/tokens/{2**37}/revoke"),  # beyond the INTEGER column
+    ("GET", f"/api/v1/audit?before_id={2**57}"),
+    ("GET", "/api/v1/versions?cursor=99999999999"),
+    ("GET", "/api/v1/versions?cursor=%C2%B2"),  # "²": isdigit() but not int()
+    (
+        "GET",
+        "/api/v1/repos/fuzz/model/aliases/prod/at?time=0001-01-01T01%3A00%3A00%2B01%3A01",
+    ),  # < year 1 in UTC
+]
+
+
+@pytest.mark.parametrize("method, url", KNOWN_HOSTILE_REQUESTS)
+def test_known_hostile_requests_get_a_client_error(seeded_client: TestClient, method: str, url: str) -> None:
+    response = seeded_client.request(method, url)
+    assert 400 <= response.status_code < 500, f"{response.status_code} {response.text[:300]}"
+    assert response.json()["error"]  # our error body, with its code
