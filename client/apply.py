@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -100,6 +101,8 @@ VerifyMode = Literal["full", "touched"]
 VERIFY_MODES: tuple[VerifyMode, ...] = ("full", "touched")
 COPY_CHUNK = 16 << 20
 
+# Elementwise passes of a merge go in row blocks of about 2**20 elements (4 MiB of fp32), which stay in cache.
+BLOCK_ELEMENTS = 1 << 20
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A, B), as stored in the adapter file
 AnyTarget = Target | DenseTarget
 # One change of a base tensor: the target and its tensors from the delta file: (A, B) for a LoraTarget
@@ -155,21 +158,44 @@ def merge_lora_into(
 
     The delta is computed in fp32 (fp64 for an fp64 weight) by one matmul over the whole weight, exactly
     PEFT's ``B @ A``: a matmul split into row blocks can round a few elements differently (the kernel
-    picks its own partition by shape), which would break bit-identity. Then every element gets exactly
-    PEFT's operations: one multiply by the scale, one add, one final rounding to W's dtype (these are
-    elementwise, so their results do not depend on how they are split). With ``round_delta`` (PEFT's
-    embedding merge) the delta is rounded to W's dtype before the add instead. The extra memory is one
-    fp32 copy of W.
+    partitions by shape), which would break bit-identity. It goes into a scratch buffer reused from one
+    weight to the next (a fresh one per weight costs a page fault per 4 KiB). Then every element gets
+    exactly PEFT's operations, one multiply by the scale, one add, one final rounding to W's dtype, in row
+    blocks of about ``BLOCK_ELEMENTS`` that stay in cache (these are elementwise: blocking does not change
+    their bits). With ``round_delta`` (PEFT's embedding merge) the delta is rounded to W's dtype before the
+    add instead.
     """
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     a = lora_a.to(device=weight.device, dtype=compute)
     b = lora_b.to(device=weight.device, dtype=compute)
-    delta = _transpose(torch.mm(b, a), fan_in_fan_out)
-    delta.mul_(scale)
-    if round_delta:
-        weight.add_(delta.to(weight.dtype))
-    else:
-        _add_rounded(weight, delta)
+    product = _scratch(b.shape[0] * a.shape[1], compute, weight.device).view(b.shape[0], a.shape[1])
+    torch.mm(b, a, out=product)
+    delta = _transpose(product, fan_in_fan_out)  # weight's layout
+    rows, cols = weight.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        block = delta[start : start + step]
+        block.mul_(scale)
+        if round_delta:
+            weight[start : start + step].add_(block.to(weight.dtype))
+        else:
+            _add_rounded(weight[start : start + step], block)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, kept for this thread until ``release_scratch``."""
+    held: torch.Tensor | None = getattr(_SCRATCH, "buffer", None)
+    if held is None or held.numel() < numel or held.dtype != dtype or held.device != device:
+        _SCRATCH.buffer = held = torch.empty(numel, dtype=dtype, device=device)
+    return held[:numel]
+
+
+def release_scratch() -> None:
+    """Free the merge's scratch buffer (one fp32 copy of the largest weight merged)."""
+    _SCRATCH.buffer = None
 
 
 def merge_dora_into(
@@ -283,12 +309,15 @@ def apply_steps_to_state_dict(
     else:
         expected = _chain_touched_digests(plans)
         _verify_touched(expected, tensor_digests_of_state_dict(detached, expected))
-    with torch.no_grad():
-        for name, merges_of_tensor in merges.items():
-            weight = detached.get(name)
-            merged = _merge_all(weight, merges_of_tensor)
-            if merged is not weight:
-                state[name] = merged
+    try:
+        with torch.no_grad():
+            for name, merges_of_tensor in merges.items():
+                weight = detached.get(name)
+                merged = _merge_all(weight, merges_of_tensor)
+                if merged is not weight:
+                    state[name] = merged
+    finally:
+        release_scratch()
 
 
 def _merge_all(weight: torch.Tensor | None, merges: Sequence[Merge]) -> torch.Tensor:
@@ -488,7 +517,10 @@ def apply_steps_files(
             )
         return written, result
 
-    written, result = write_atomically(output, write)
+    try:
+        written, result = write_atomically(output, write)
+    finally:
+        release_scratch()
     return ApplyResult(output=output, tensors_changed=len(merges), files_written=written, fingerprint=result)
 
 
