@@ -39,6 +39,7 @@ lint: install
 bench: install
 	$(PY) bench/bench_fingerprint.py
 	$(PY) bench/bench_apply.py
+	$(PY) bench/bench_apply_files.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
