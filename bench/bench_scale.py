@@ -180,6 +180,7 @@ def measure(versions: int, args: argparse.Namespace, tmp: str) -> list[tuple[flo
             response = httpx.put(
                 f"{base}/api/v1/repos/bench/big/aliases/production",
                 json={"version": 1, "expected": None},
+                headers={"Authorization": f"Bearer {BENCH_TOKEN}"},
                 timeout=10,
             )
             response.raise_for_status()

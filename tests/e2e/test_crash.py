@@ -116,7 +116,9 @@ def stall_an_upload(server: ServerProcess, data: bytes) -> tuple[threading.Threa
 
     def send() -> None:
         try:
-            httpx.put(f"{server.url}/api/v1/blobs/{digest}", content=body(), timeout=60)
+            httpx.put(
+                f"{server.url}/api/v1/blobs/{digest}", content=body(), headers=bearer(TEST_TOKEN), timeout=60
+            )
         except httpx.TransportError:
             pass  # expected: the server was killed mid-body
 
