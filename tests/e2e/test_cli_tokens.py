@@ -3,6 +3,7 @@ on the same machine, anonymous reads there, and create / use / revoke with scope
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -60,8 +61,9 @@ def test_the_embedded_default_hands_its_admin_token_to_the_local_cli(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=15)
-    # A restart creates no second token and hands the same one over again.
+    # The secret is in the two 0600 files, never in the server's output.
     assert token_file.read_text().strip() in credentials.read_text()
+    assert token_file.read_text().strip() not in log.read_text()
 
 
 def test_create_use_and_revoke_tokens(cli, tmp_path):
@@ -88,3 +90,8 @@ def test_create_use_and_revoke_tokens(cli, tmp_path):
     assert created["token"] not in audit
     actions = [e["action"] for e in json.loads(audit)["entries"]]
     assert "token.create" in actions and "token.revoke" in actions
+    # Secrets hygiene: the server's log (access lines, errors) never holds a secret or its hash.
+    logs = "".join(p.read_text(errors="replace") for p in cli.server.data_dir.parent.glob("server-*.log"))
+    assert "POST /api/v1/tokens" in logs  # it is the log of this server's requests
+    for secret in (created["token"], cli.env["DELTAREG_TOKEN"]):
+        assert secret not in logs and hashlib.sha256(secret.encode()).hexdigest() not in logs
