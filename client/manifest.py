@@ -8,6 +8,7 @@ optional parent version, the kind's parameters and free-form training metadata. 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Annotated, Any, Final, Literal
 
@@ -114,6 +115,14 @@ class Manifest(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _finite_numbers(self) -> Manifest:
+        # JSON has no NaN or Infinity; pydantic would write them as null, silently changing the value.
+        where = _non_finite({"params": self.params, "metadata": self.metadata})
+        if where:
+            raise ValueError(f"{where} is not a finite number (NaN and Infinity have no JSON form)")
+        return self
+
+    @model_validator(mode="after")
     def _canonicalizable(self) -> Manifest:
         # RFC 8785 holds numbers as IEEE doubles: an integer beyond 2**53 has no canonical form, so the
         # manifest would have no digest.
@@ -146,6 +155,23 @@ class Manifest(_Strict):
                 f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}" for err in exc.errors()
             )
             raise InvalidManifest(f"invalid manifest: {problems}") from None
+
+
+def _non_finite(value: Any) -> str | None:
+    """The path of the first NaN or infinite float in a JSON-like value, or None (iterative: a value may be
+    nested deeper than Python's recursion limit)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path or "a value"
+        children = (
+            item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        )
+        stack.extend(
+            (f"{path}.{key}" if path else str(key), child) for key, child in reversed(list(children))
+        )
+    return None
 
 
 def digest_of_json(data: dict[str, Any]) -> str:
