@@ -16,7 +16,6 @@ to compare, so only its tensors are checked.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import rfc8785
 
 from deltareg.client.errors import InvalidModel
+from deltareg.client.jsonfile import read_json_object
 from deltareg.client.manifest import BaseConfig, digest_of_json
 
 CONFIG_FILE = "config.json"
@@ -41,16 +41,7 @@ def read_base_config(model: str | os.PathLike[str]) -> BaseConfig | None:
     path = Path(model) / CONFIG_FILE
     if not Path(model).is_dir() or not path.is_file():
         return None
-    raw = path.read_bytes()
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise InvalidModel(f"{path}: {len(raw)} bytes, over the limit of {MAX_CONFIG_BYTES}")
-    try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidModel(f"{path}: not valid JSON ({exc!s:.200})") from None
-    if not isinstance(config, dict):
-        raise InvalidModel(f"{path}: expected a JSON object")
-    return describe_config(config, source=str(path))
+    return describe_config(read_json_object(path, MAX_CONFIG_BYTES, InvalidModel), source=str(path))
 
 
 def describe_config(config: Mapping[str, Any], *, source: str = "config") -> BaseConfig:

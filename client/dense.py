@@ -27,7 +27,6 @@ Folder layout::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -39,6 +38,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deltareg.client.errors import InvalidDelta
+from deltareg.client.jsonfile import read_json_object
 from deltareg.client.lora import join_problems
 from deltareg.client.manifest import FINGERPRINT, PICKLE_SUFFIXES, check_file_path
 from deltareg.client.weights import SAFETENSORS_DTYPES, SafetensorsHeader, read_header_file
@@ -272,16 +272,7 @@ def read_dense_delta(folder: str | os.PathLike[str]) -> DenseDelta:
 def read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidDelta(f"{path.parent}: {CONFIG_FILE} is missing (is this a folder deltareg diff wrote?)")
-    raw = path.read_bytes()
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise InvalidDelta(f"{path}: {len(raw)} bytes, over the limit of {MAX_CONFIG_BYTES}")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidDelta(f"{path}: not valid JSON ({exc!s:.200})") from None
-    if not isinstance(data, dict):
-        raise InvalidDelta(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, MAX_CONFIG_BYTES, InvalidDelta)
 
 
 def check_stored_tensors(params: DenseParams, header: SafetensorsHeader, source: str) -> None:
