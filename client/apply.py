@@ -32,7 +32,6 @@ This module needs torch; the rest of the library imports without it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -88,13 +87,13 @@ from deltareg.client.lora import (
 from deltareg.client.manifest import PICKLE_SUFFIXES, BaseConfig, Manifest
 from deltareg.client.outputs import refuse_existing_output, write_atomically
 from deltareg.client.weights import (
-    SAFETENSORS_DTYPES,
     SafetensorsHeader,
     TensorEntry,
     encode_header,
     find_index,
     find_weight_files,
     read_header_file,
+    tensor_nbytes,
 )
 
 VerifyMode = Literal["full", "touched"]
@@ -503,9 +502,11 @@ def apply_steps_files(
         base_digests = fingerprint.tensors
     else:
         expected = _chain_touched_digests(plans)
-        _verify_touched(expected, tensor_digests(base, expected, cache=cache))
-        if expect is not None:
+        if expect is None:
+            _verify_touched(expected, tensor_digests(base, expected, cache=cache))
+        else:  # the result's fingerprint needs every base digest: hash the base once, check from those
             base_digests = fingerprint_path(base, cache=cache).tensors
+            _verify_touched(expected, base_digests)
     model = _ModelFiles(Path(base) if Path(base).is_dir() else None, headers, _overlays(steps))
 
     def write(temp: Path) -> tuple[list[str], str | None]:
@@ -625,11 +626,7 @@ def _write_index(index: Path, layouts: Mapping[Path, Layout], model: _ModelFiles
         for path, layout in layouts.items()
         for name, _, _ in layout
     }
-    total = sum(
-        math.prod(shape) * SAFETENSORS_DTYPES[dtype]
-        for layout in layouts.values()
-        for _, dtype, shape in layout
-    )
+    total = sum(tensor_nbytes(dtype, shape) for layout in layouts.values() for _, dtype, shape in layout)
     metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
     data["metadata"] = {**metadata, "total_size": total}
     destination.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -663,11 +660,12 @@ def _write_weight_file(
     if sys.byteorder != "little":  # safetensors is little-endian; torch's memory here would not be
         raise InvalidInput("applying to safetensors files needs a little-endian machine")
     digests: dict[str, Future[TensorInfo]] = {}
+    new_header = None if layout == _layout_of(header) else encode_header(layout, header.metadata)
     with open(source, "rb") as src, open(destination, "wb") as dst:
-        if layout == _layout_of(header):
+        if new_header is None:
             _copy_range(src.fileno(), dst, 0, header.data_start)
         else:
-            dst.write(encode_header(layout, header.metadata))
+            dst.write(new_header)
         for name, dtype, shape in layout:  # in offset order: the file is written sequentially
             merges_of_tensor = merges.get(name)
             if merges_of_tensor is None:
@@ -685,10 +683,8 @@ def _write_weight_file(
             if hasher is not None:
                 digests[name] = hasher.submit(_digest_job, dtype, shape, data)
         size = dst.tell()
-    expected = (
-        len(encode_header(layout, header.metadata)) if layout != _layout_of(header) else header.data_start
-    )
-    expected += sum(math.prod(shape) * SAFETENSORS_DTYPES[dtype] for _, dtype, shape in layout)
+    expected = header.data_start if new_header is None else len(new_header)
+    expected += sum(tensor_nbytes(dtype, shape) for _, dtype, shape in layout)
     if size != expected:
         raise InvalidModel(f"{source}: wrote {size} bytes for {destination.name} but expected {expected}")
     return {name: future.result() for name, future in digests.items()}

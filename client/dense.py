@@ -41,7 +41,7 @@ from deltareg.client.errors import InvalidDelta
 from deltareg.client.jsonfile import read_json_object
 from deltareg.client.lora import join_problems
 from deltareg.client.manifest import FINGERPRINT, PICKLE_SUFFIXES, check_file_path
-from deltareg.client.weights import SAFETENSORS_DTYPES, SafetensorsHeader, read_header_file
+from deltareg.client.weights import SAFETENSORS_DTYPES, SafetensorsHeader, read_header_file, tensor_nbytes
 
 CONFIG_FILE = "delta_config.json"
 WEIGHTS_FILE: Final = "delta.safetensors"
@@ -83,7 +83,7 @@ class Stored(_Strict):
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype]
+        return tensor_nbytes(self.dtype, self.shape)
 
     @property
     def numel(self) -> int:
@@ -242,7 +242,7 @@ def main_dtype(tensors: Mapping[str, Any]) -> str:
     names to anything with ``dtype`` and ``shape`` (a fingerprint's TensorInfo)."""
     by_dtype: Counter[str] = Counter()
     for info in tensors.values():
-        by_dtype[info.dtype] += math.prod(info.shape) * SAFETENSORS_DTYPES[info.dtype]
+        by_dtype[info.dtype] += tensor_nbytes(info.dtype, tuple(info.shape))
     return by_dtype.most_common(1)[0][0] if by_dtype else "F32"
 
 

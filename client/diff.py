@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -45,7 +44,13 @@ from deltareg.client.errors import InvalidDelta, InvalidInput, InvalidModel
 from deltareg.client.fingerprint import FingerprintCache, TensorInfo, fingerprint_path, safetensors_dtype
 from deltareg.client.manifest import check_file_path
 from deltareg.client.outputs import refuse_existing_output, write_atomically
-from deltareg.client.weights import SAFETENSORS_DTYPES, encode_header, find_weight_files, read_header_file
+from deltareg.client.weights import (
+    SAFETENSORS_DTYPES,
+    encode_header,
+    find_weight_files,
+    read_header_file,
+    tensor_nbytes,
+)
 
 ZSTD_LEVEL = 3  # zstd's default: fast, and higher levels gain little on float bits
 COPY_CHUNK = 16 << 20
@@ -114,7 +119,10 @@ def diff_models(
             files=files,
             stats=DenseStats(
                 identical=len(tuned_print.tensors) - len(changed),
-                changed_bytes=sum(_nbytes(tuned_print.tensors[name]) for name in changed),
+                changed_bytes=sum(
+                    tensor_nbytes(tuned_print.tensors[name].dtype, tuned_print.tensors[name].shape)
+                    for name in changed
+                ),
                 stored_bytes=(temp / WEIGHTS_FILE).stat().st_size,
             ),
         )
@@ -126,7 +134,7 @@ def diff_models(
 
 
 def _nbytes(info: TensorInfo) -> int:
-    return math.prod(info.shape) * SAFETENSORS_DTYPES[info.dtype]
+    return tensor_nbytes(info.dtype, info.shape)
 
 
 def _write_delta_weights(

@@ -87,6 +87,11 @@ class SafetensorsHeader:
         return 8 + self.header_len
 
 
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """The bytes of a tensor of ``dtype`` (a safetensors name) and ``shape``."""
+    return math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+
+
 def encode_header(
     tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
 ) -> bytes:
@@ -95,7 +100,7 @@ def encode_header(
     header: dict[str, Any] = {METADATA_KEY: dict(metadata)} if metadata else {}
     offset = 0
     for name, dtype, shape in tensors:
-        end = offset + math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+        end = offset + tensor_nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -247,7 +252,7 @@ def _parse_entry(name: str, value: Any, data_start: int, fail: Callable[[str], E
             f"tensor {name!r}: data_offsets must be [begin, end] with begin <= end, got {list(offsets)}"
         )
     begin, end = offsets
-    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+    expected = tensor_nbytes(dtype, shape)
     if end - begin != expected:
         raise fail(
             f"tensor {name!r}: data_offsets span {end - begin} bytes but {dtype} of shape {list(shape)} "

@@ -67,16 +67,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
-        data_dir = self.data_dir.expanduser().resolve()
-        if self.anonymous_read is None:
-            self.anonymous_read = not self.database_url and not self.storage_url
+        embedded_database, embedded_storage = _embedded_urls(self.data_dir)
         bootstrap = self.bootstrap_token.get_secret_value() if self.bootstrap_token is not None else None
         if bootstrap is not None and not re.fullmatch(r"[A-Za-z0-9_\-]{16,256}", bootstrap):
             raise ValueError("DELTAREG_BOOTSTRAP_TOKEN must be 16-256 letters, digits, '_' or '-'")
-        if not self.database_url:
-            self.database_url = f"sqlite:///{data_dir / 'registry.db'}"
-        if not self.storage_url:
-            self.storage_url = (data_dir / "blobs").as_uri()
+        self.database_url = self.database_url or embedded_database
+        self.storage_url = self.storage_url or embedded_storage
+        if self.anonymous_read is None:
+            self.anonymous_read = self.is_embedded
         if self.auto_migrate is None:
             self.auto_migrate = self.database_url.startswith("sqlite")
         # An empty variable (a compose file passing "${VAR:-}") means "not set".
@@ -89,5 +87,16 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def is_embedded(self) -> bool:
+        """The embedded default: the database and the blobs both in ``data_dir``."""
+        return (self.database_url, self.storage_url) == _embedded_urls(self.data_dir)
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def _embedded_urls(data_dir: Path) -> tuple[str, str]:
+    """The database and storage URLs of the embedded default in ``data_dir``."""
+    folder = data_dir.expanduser().resolve()
+    return f"sqlite:///{folder / 'registry.db'}", (folder / "blobs").as_uri()

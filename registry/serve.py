@@ -43,7 +43,7 @@ def run(host: str, port: int, data_dir: str | None) -> None:
     sock = _listen(host, port)
     shown_host = f"[{host}]" if ":" in host else host
     bound = sock.getsockname()[1]
-    if _is_embedded(settings):
+    if settings.is_embedded:
         _hand_admin_token_to_local_cli(
             settings, [f"http://{shown_host}:{bound}", *_loopback_urls(host, bound)]
         )
@@ -54,14 +54,9 @@ def run(host: str, port: int, data_dir: str | None) -> None:
 
 def _where(settings: Settings) -> str:
     """Where the data lives, for the startup line (never a password)."""
-    if _is_embedded(settings):
+    if settings.is_embedded:
         return f"data in {settings.data_dir.expanduser().resolve()}"
     return f"database {safe_url(settings.database_url)}, blobs {settings.storage_url}"
-
-
-def _is_embedded(settings: Settings) -> bool:
-    embedded = Settings(data_dir=settings.data_dir, database_url="", storage_url="")
-    return (settings.database_url, settings.storage_url) == (embedded.database_url, embedded.storage_url)
 
 
 def _hand_admin_token_to_local_cli(settings: Settings, urls: list[str]) -> None:
