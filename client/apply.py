@@ -36,12 +36,13 @@ import os
 import shutil
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 from safetensors import safe_open
@@ -656,32 +657,43 @@ def _write_weight_file(
 ) -> dict[str, TensorInfo]:
     """Write ``layout``'s tensors: the untouched ones copied byte for byte from ``source``, the changed ones
     merged. The header is copied as it is when the layout is the source's, else written anew (same
-    ``__metadata__``). Returns the changed tensors' digests when a ``hasher`` is given."""
+    ``__metadata__``). Returns the changed tensors' digests when a ``hasher`` is given.
+
+    Writing is a pipeline: a writer thread appends to the file in layout order while this thread reads and
+    merges the next changed tensor (and the ``hasher`` hashes the last one), so the page-cache copy of one
+    tensor overlaps the merge of the next."""
     if sys.byteorder != "little":  # safetensors is little-endian; torch's memory here would not be
         raise InvalidInput("applying to safetensors files needs a little-endian machine")
     digests: dict[str, Future[TensorInfo]] = {}
     new_header = None if layout == _layout_of(header) else encode_header(layout, header.metadata)
-    with open(source, "rb") as src, open(destination, "wb") as dst:
+    changed = [header.tensors[name] for name, _, _ in layout if name in merges and name in header.tensors]
+    with open(source, "rb") as src, open(destination, "wb") as dst, _OrderedWriter(dst) as writer:
+        buffers = _ReadBuffers(max((entry.nbytes for entry in changed), default=0), writer)
         if new_header is None:
-            _copy_range(src.fileno(), dst, 0, header.data_start)
+            writer.copy(src.fileno(), 0, header.data_start)
         else:
-            dst.write(new_header)
+            writer.write(memoryview(new_header))
         for name, dtype, shape in layout:  # in offset order: the file is written sequentially
             merges_of_tensor = merges.get(name)
             if merges_of_tensor is None:
                 entry = header.tensors[name]
-                _copy_range(src.fileno(), dst, entry.start, entry.nbytes)
+                writer.copy(src.fileno(), entry.start, entry.nbytes)
                 continue
-            weight = _read_tensor(src.fileno(), header.tensors[name]) if name in header.tensors else None
+            buffer = buffers.take()
+            stored = header.tensors.get(name)  # None: a tensor the delta adds
+            weight = None if stored is None else _read_tensor(src.fileno(), stored, buffer)
             merged = _merge_all(weight, merges_of_tensor)
             data: memoryview = merged.contiguous().reshape(-1).view(torch.uint8).numpy().data
             if _spec_of(merged) != _Spec(dtype, shape):
                 raise InvalidManifest(
                     f"{name}: the merge gave {_spec_of(merged)}, expected {dtype} {list(shape)}"
                 )
-            dst.write(data)
+            uses: list[Future[Any]] = [writer.write(data)]
             if hasher is not None:
                 digests[name] = hasher.submit(_digest_job, dtype, shape, data)
+                uses.append(digests[name])
+            buffers.give_back(buffer, uses)
+        writer.finish()
         size = dst.tell()
     expected = header.data_start if new_header is None else len(new_header)
     expected += sum(tensor_nbytes(dtype, shape) for _, dtype, shape in layout)
@@ -690,14 +702,78 @@ def _write_weight_file(
     return {name: future.result() for name, future in digests.items()}
 
 
-def _read_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
-    """One tensor read into memory of its own: not through a mapping of the whole file, whose pages would
-    stay resident (and count in the process's memory) until the file is closed."""
+class _OrderedWriter:
+    """Appends to ``dst`` on one thread, in submission order; the first failure is raised by the next call
+    (or by ``finish``), and a failure on the caller's side cancels what is still queued."""
+
+    def __init__(self, dst: BinaryIO) -> None:
+        self._dst = dst
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltareg-writer")
+        self._queued: deque[Future[object]] = deque()
+
+    def __enter__(self) -> _OrderedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+    def write(self, data: memoryview) -> Future[object]:
+        return self._submit(self._dst.write, data)
+
+    def copy(self, src_fd: int, offset: int, length: int) -> Future[object]:
+        return self._submit(_copy_range, src_fd, self._dst, offset, length)
+
+    def finish(self) -> None:
+        """Wait for every queued write; raise the first failure."""
+        while self._queued:
+            self._queued.popleft().result()
+
+    def _submit(self, function: Callable[..., object], *args: object) -> Future[object]:
+        while self._queued and self._queued[0].done():
+            self._queued.popleft().result()  # raises a failed write's error here, early
+        future = self._thread.submit(function, *args)
+        self._queued.append(future)
+        return future
+
+
+class _ReadBuffers:
+    """A few buffers that changed tensors are read into, reused: a fresh allocation per tensor costs a zero
+    fill and a page fault per 4 KiB. A buffer comes back once the writer and the hasher are done with it;
+    with all of them in use, ``take`` waits for the oldest."""
+
+    COUNT = 3  # one being merged, one being written, one being hashed
+
+    def __init__(self, nbytes: int, writer: _OrderedWriter) -> None:
+        self._nbytes = nbytes
+        self._created = 0
+        self._in_use: deque[tuple[torch.Tensor, list[Future[Any]]]] = deque()
+        self._free: list[torch.Tensor] = []
+        self._writer = writer
+
+    def take(self) -> torch.Tensor:
+        if not self._free and self._created < self.COUNT:
+            self._created += 1
+            return torch.empty(self._nbytes, dtype=torch.uint8)
+        while not self._free:
+            buffer, uses = self._in_use.popleft()
+            for use in uses:
+                use.result()
+            self._free.append(buffer)
+        return self._free.pop()
+
+    def give_back(self, buffer: torch.Tensor, uses: Sequence[Future[Any]]) -> None:
+        self._in_use.append((buffer, list(uses)))
+
+
+def _read_tensor(fd: int, entry: TensorEntry, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor read into memory of its own (``buffer``, a flat uint8 tensor, when given): not through a
+    mapping of the whole file, whose pages would stay resident (and count in the process's memory) until
+    the file is closed."""
     dtype = torch_dtype(entry.dtype)
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)
-    data = bytearray(entry.nbytes)
-    view = memoryview(data)
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8) if buffer is None else buffer[: entry.nbytes]
+    view: memoryview = raw.numpy().data
     done = 0
     while done < entry.nbytes:
         count = os.preadv(fd, [view[done:]], entry.start + done)
@@ -706,7 +782,7 @@ def _read_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
                 f"unexpected end of file at offset {entry.start + done} (was the file changed?)"
             )
         done += count
-    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
+    return raw.view(dtype).reshape(entry.shape)
 
 
 def _digest_job(dtype: str, shape: tuple[int, ...], data: memoryview) -> TensorInfo:

@@ -73,16 +73,17 @@ class RepoRepository:
         return number
 
     def list_with_counts(self, namespace: str | None) -> list[tuple[Repo, int, int | None]]:
-        """Every repo (of ``namespace``, if given) with its version count and latest number, by name."""
-        statement = (
-            select(Repo, func.count(Version.id), func.max(Version.number))
-            .outerjoin(Version, Version.repo_id == Repo.id)
-            .group_by(Repo.id)
-            .order_by(Repo.namespace, Repo.name)
-        )
+        """Every repo (of ``namespace``, if given) with its version count and latest number, by name.
+
+        Both are the repo's ``last_version``, so no version row is read (a count over the versions table
+        scanned every version of every repo on each listing): versions are never deleted, and a number is
+        taken in the pushing transaction, so a push that fails gives its number back.
+        """
+        statement = select(Repo).order_by(Repo.namespace, Repo.name)
         if namespace is not None:
             statement = statement.where(Repo.namespace == namespace)
-        return [(repo, count, latest) for repo, count, latest in self.session.execute(statement)]
+        repos = self.session.scalars(statement)
+        return [(repo, repo.last_version, repo.last_version or None) for repo in repos]
 
 
 class VersionRepository:
