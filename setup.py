@@ -23,5 +23,6 @@ setup(
         "deltareg.client": ["py.typed"],
         "deltareg.registry.migrations": ["*.py", "*.mako"],
         "deltareg.registry.migrations.versions": ["*.py"],
+        "deltareg.registry.ui": ["templates/*.html", "static/*.css"],
     },
 )

@@ -46,6 +46,7 @@ from _models import (
     save_adapter,
     shape_from_args,
 )
+from _report_common import Result, add_json_out_argument, describe_machine
 
 from deltareg.client.apply import apply_to_module, load_factors, merge_lora_into
 from deltareg.client.fingerprint import fingerprint_state_dict, tensor_digests_of_state_dict
@@ -64,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     add_shape_arguments(parser)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--breakdown", action="store_true", help="also time deltareg's parts separately")
+    add_json_out_argument(parser)
     return parser.parse_args()
 
 
@@ -159,6 +161,12 @@ def breakdown(base: torch.nn.Module, adapter_dir: Path, manifest: Manifest) -> d
 def main() -> None:
     args = parse_args()
     shape = shape_from_args(args)
+    result = Result(
+        benchmark="apply",
+        title="In-memory apply vs `peft` `merge_and_unload`",
+        runs=args.runs,
+        machine=describe_machine(["torch", "peft", "transformers"]),
+    )
     quiet_transformers()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bandwidth = memory_bandwidth()
@@ -172,10 +180,11 @@ def main() -> None:
         manifest = build_manifest(adapter_dir, base_dir)
         targets = targets_from_params(manifest.params)
         touched = sum(t.shape[0] * t.shape[1] for t in targets)
-        print(
-            f"model: {n_params / 1e6:.1f}M params bf16 ({shape}); "
+        model = (
+            f"{n_params / 1e6:.1f}M params bf16 ({shape}); "
             f"LoRA r={args.rank} on {len(targets)} modules ({touched / 1e6:.1f}M params touched)"
         )
+        print(f"model: {model}")
         times: dict[str, list[float]] = {name: [] for name in ROUTES}
         expected: dict[str, torch.Tensor] = {}
         checks: dict[str, str] = {}
@@ -191,7 +200,55 @@ def main() -> None:
                     checks[name] = compare(merged.state_dict(), expected)
                 del merged
         parts = breakdown(base, adapter_dir, manifest) if args.breakdown else {}
-    report(times, checks, parts, bytes_moved(base, manifest), bandwidth)
+    moved = bytes_moved(base, manifest)
+    report(times, checks, parts, moved, bandwidth)
+    record(result, args.model, model, times, checks, parts, moved, bandwidth)
+    result.write(args.json_out)
+
+
+# Issue 5 asks for <= 0.4 at ~1.1B; issue 2 asked for <= 0.6 at 300M (smaller models: the 1B target).
+TARGET = {"300m": "<= 0.6"}
+
+
+def record(
+    result: Result,
+    preset: str,
+    model: str,
+    times: dict[str, list[float]],
+    checks: dict[str, str],
+    parts: dict[str, float],
+    moved: dict[str, int],
+    bandwidth: float,
+) -> None:
+    """The figures of ``report`` in the results JSON."""
+    reference = statistics.median(times[PEFT])
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        rate = moved[name] / median
+        rows.append(
+            [name, median, min(values), median / reference, moved[name] / 1e9, rate / 1e9, rate / bandwidth]
+        )
+        result.sample(f"{name} s", values)
+    columns = ["route", "median s", "min s", "x peft", "GB moved", "GB/s", "of bandwidth"]
+    result.table(f"--model {preset}: {model}", columns, rows)
+    result.table(
+        f"memory bandwidth (1 GiB torch copy, read + written): {bandwidth / 1e9:.2f} GB/s; "
+        "bit identity of round 1",
+        ["route", "compared with peft"],
+        [[name, check] for name, check in checks.items()],
+    )
+    if parts:
+        result.table("deltareg's parts (one run)", ["part", "s"], [[k, v] for k, v in parts.items()])
+    for name in (FULL, TOUCHED):
+        result.target(
+            f"{name} / peft (--model {preset})",
+            ours=statistics.median(times[name]),
+            peer=reference,
+            target=TARGET.get(preset, "<= 0.4"),
+            unit="s",
+        )
+    result.plot("apply", list(times), {"median s": [row[1] for row in rows]}, "seconds")
 
 
 def report(

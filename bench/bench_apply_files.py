@@ -51,6 +51,7 @@ from _models import (
     save_adapter,
     shape_from_args,
 )
+from _report_common import Result, add_json_out_argument, describe_machine
 
 from deltareg.client.fingerprint import FingerprintCache, fingerprint_path
 from deltareg.client.lora import targets_from_params
@@ -97,6 +98,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--shard-mb", type=int, default=500, help="max shard size of the saved base")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder in /tmp")
+    add_json_out_argument(parser)
     return parser.parse_args()
 
 
@@ -249,6 +251,12 @@ def main() -> None:
     if args.command == "child":
         run_child(args)
         return
+    result = Result(
+        benchmark="apply_files",
+        title="File to file apply vs the peft route",
+        runs=args.runs,
+        machine=describe_machine(["torch", "peft", "transformers", "safetensors"]),
+    )
     bandwidth = memory_bandwidth()
     print(f"memory bandwidth (1 GiB torch copy, read + written): {bandwidth / 1e9:.2f} GB/s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-apply-files-", dir=args.workdir))
@@ -279,8 +287,64 @@ def main() -> None:
                     shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(work / "out-0")
         report(runs, checks, workload, bandwidth)
+        record(result, args, runs, checks, workload, bandwidth)
+        result.write(args.json_out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def record(
+    result: Result,
+    args: argparse.Namespace,
+    runs: dict[str, list[Run]],
+    checks: dict[str, str],
+    workload: Workload,
+    bandwidth: float,
+) -> None:
+    """The figures of ``report`` in the results JSON: wall ratio <= 0.25 and peak RSS <= 1.3 x (largest
+    shard + delta) for every deltareg route (issue 5)."""
+    moved = bytes_moved(workload)
+    reference = statistics.median(r.seconds for r in runs[PEFT])
+    rss_basis = workload.largest_shard + workload.delta_bytes
+    rows = []
+    for route, values in runs.items():
+        median = statistics.median(r.seconds for r in values)
+        rows.append(
+            [
+                route,
+                median,
+                median / reference,
+                statistics.median(r.process_seconds for r in values),
+                statistics.median(r.peak_rss for r in values) / 1e6,
+                statistics.median(r.rss_after_imports for r in values) / 1e6,
+                moved[route] / median / 1e9,
+            ]
+        )
+        result.sample(f"{route} s", [r.seconds for r in values])
+        result.sample(f"{route} peak RSS MB", [r.peak_rss / 1e6 for r in values])
+    caption = (
+        f"--model {args.model}, {workload.base_bytes / 1e9:.2f} GB in {args.shard_mb} MB shards "
+        f"(largest {workload.largest_shard / 1e6:.0f} MB), delta {workload.delta_bytes / 1e6:.1f} MB; "
+        f"memory bandwidth {bandwidth / 1e9:.2f} GB/s"
+    )
+    columns = ["route", "median s", "x peft", "process s", "peak RSS MB", "RSS after imports MB", "GB/s"]
+    result.table(caption, columns, rows)
+    result.table(
+        "bit identity of round 1", ["route", "compared with peft"], [[k, v] for k, v in checks.items()]
+    )
+    for route in ROUTES[1:]:
+        median = statistics.median(r.seconds for r in runs[route])
+        result.target(f"{route}: wall / peft", ours=median, peer=reference, target="<= 0.25", unit="s")
+        peak = statistics.median(r.peak_rss for r in runs[route])
+        result.target(
+            f"{route}: peak RSS / (largest shard + delta)",
+            ours=peak / 1e6,
+            peer=rss_basis / 1e6,
+            target="<= 1.3",
+            unit="MB",
+        )
+    result.plot("apply_files-seconds", list(runs), {"median s": [row[1] for row in rows]}, "seconds")
+    result.plot("apply_files-rss", list(runs), {"peak RSS MB": [row[4] for row in rows]}, "MB")
 
 
 def report(runs: dict[str, list[Run]], checks: dict[str, str], workload: Workload, bandwidth: float) -> None:

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _report_common import Result, add_json_out_argument, describe_machine
 
 from deltareg.client.fingerprint import fingerprint_path
 
@@ -170,7 +171,14 @@ def main() -> int:
     parser.add_argument("--size-gb", type=float, default=2.0, help="model size in GiB (default 2)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per tool (default 5)")
     parser.add_argument("--dir", type=Path, default=Path(__file__).parent / "out" / "fp-model")
+    add_json_out_argument(parser)
     args = parser.parse_args()
+    result = Result(
+        benchmark="fingerprint",
+        title="Base fingerprint vs `openssl dgst -sha256`",
+        runs=args.runs,
+        machine=describe_machine(["numpy"], tools={"openssl": ["openssl", "version"]}),
+    )
     if shutil.which("openssl") is None:
         print("openssl not found on PATH", file=sys.stderr)
         return 1
@@ -215,7 +223,42 @@ def main() -> int:
     print(f"CPU-time ratio / {cores} cores = {ideal:.2f} (the wall ratio on an otherwise idle machine)")
     load = os.getloadavg()[0]
     print(f"load average at the end: {load:.2f} (other processes make the wall times noisy)")
+    record(result, walls, cpus, gb, f"{len(files)} shards, {size}")
+    result.write(args.json_out)
     return 0
+
+
+def record(
+    result: Result, walls: dict[str, list[float]], cpus: dict[str, float], gb: float, model: str
+) -> None:
+    """The figures above in the results JSON: the table, the two targets, the raw wall times."""
+    openssl = statistics.median(walls["openssl dgst -sha256"])
+    fingerprint = statistics.median(walls["fingerprint_path"])
+    limit_label = next(label for label in walls if label.startswith("parallel sha256 limit"))
+    limit = statistics.median(walls[limit_label])
+    rows = [
+        [
+            label,
+            statistics.median(runs),
+            gb / statistics.median(runs),
+            statistics.median(runs) / openssl,
+            cpus[label],
+        ]
+        for label, runs in walls.items()
+    ]
+    result.table(f"{model}, warm page cache", ["tool", "median s", "GB/s", "x openssl", "CPU s"], rows)
+    result.target("fingerprint / openssl", ours=fingerprint, peer=openssl, target="<= 0.6", unit="s")
+    result.target(
+        "fraction of the parallel SHA-256 limit reached (limit s / fingerprint s)",
+        ours=fingerprint,
+        peer=limit,
+        ratio=limit / fingerprint,
+        target=None,
+        unit="s",
+    )
+    result.plot("fingerprint", list(walls), {"median s": [row[1] for row in rows]}, "seconds")
+    for label, runs in walls.items():
+        result.sample(f"{label} wall s", runs)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _report_common import Result, add_json_out_argument, describe_machine
 from bench_transfer import exit_cleanly_on_sigterm, free_port, moto_server, s3_client, timed
 from safetensors.numpy import save_file
 
@@ -130,7 +131,14 @@ def main() -> None:
     )
     parser.add_argument("--size-mb", type=int, default=512)
     parser.add_argument("--runs", type=int, default=5)
+    add_json_out_argument(parser)
     args = parser.parse_args()
+    result = Result(
+        benchmark="registry_transfer",
+        title="Transfers through the registry on S3 vs raw boto3",
+        runs=args.runs,
+        machine=describe_machine(["boto3", "moto", "httpx"]),
+    )
     work = Path(tempfile.mkdtemp(prefix="bench-registry-transfer-"))
     times: dict[str, list[float]] = {"push": [], "upload_file": [], "pull": [], "download_file": []}
     try:
@@ -155,6 +163,36 @@ def main() -> None:
         print(f"  {name:<14} {median:6.2f} s  {weights_size / median:6.0f} MB/s")
     print(f"  push / upload_file   = {medians['push'] / medians['upload_file']:.2f} (target <= 1.25)")
     print(f"  pull / download_file = {medians['pull'] / medians['download_file']:.2f} (target <= 1.15)")
+    record(result, times, args.size_mb)
+    result.write(args.json_out)
+
+
+def record(result: Result, times: dict[str, list[float]], size_mb: int) -> None:
+    """The two ratios in the results JSON, with every round's seconds."""
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    pairs = {"pull": ("pull", "download_file", "<= 1.15"), "push": ("push", "upload_file", "<= 1.25")}
+    rows = []
+    for label, (ours, peer, target) in pairs.items():
+        ratio = medians[ours] / medians[peer]
+        rows.append(
+            [f"{label} (`Registry.{ours}` vs boto3 `{peer}`)", medians[ours], medians[peer], ratio, target]
+        )
+        result.target(
+            f"{label} / boto3 {peer}", ours=medians[ours], peer=medians[peer], target=target, unit="s"
+        )
+    caption = f"~{size_mb} MB delta, moto S3 over loopback, registry on SQLite + S3"
+    result.table(caption, ["path", "deltareg s", "boto3 s", "ratio", "target"], rows)
+    result.plot(
+        "registry_transfer",
+        ["pull", "push"],
+        {
+            "deltareg": [medians["pull"], medians["push"]],
+            "boto3": [medians["download_file"], medians["upload_file"]],
+        },
+        "seconds",
+    )
+    for name, values in times.items():
+        result.sample(f"{name} s", values)
 
 
 if __name__ == "__main__":

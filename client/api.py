@@ -1021,6 +1021,41 @@ class Registry:
         path = f"{_keys_path(namespace)}/{key_id}/revoke"
         return dict(request_json(self._http, "POST", path))
 
+    # -- webhooks ------------------------------------------------------------------------------
+
+    def add_webhook(
+        self, repo: str, url: str, *, events: Sequence[str] | None = None, secret: str | None = None
+    ) -> dict[str, Any]:
+        """Register ``url`` to receive events of ``repo`` (needs admin on its namespace): ``push``,
+        ``eval``, ``alias.promote``, ``alias.rollback``, ``yank`` (default: all).
+
+        Returns the webhook with its ``secret`` (``secret`` given, or generated): shown this once, it
+        keys the ``X-Deltareg-Signature`` of every delivery.
+
+        Raises:
+            InvalidInput: not an http(s) URL, an unknown event, a secret under 16 characters.
+        """
+        body: dict[str, Any] = {"url": url}
+        if events:
+            body["events"] = list(events)
+        if secret is not None:
+            body["secret"] = secret
+        return dict(request_json(self._http, "POST", _webhooks_path(repo), json=body))
+
+    def webhooks(self, repo: str) -> list[dict[str, Any]]:
+        """The active webhooks of ``repo``, oldest first: ``id``, ``url``, ``events``, ... (no secrets)."""
+        return list(request_json(self._http, "GET", _webhooks_path(repo))["webhooks"])
+
+    def remove_webhook(self, repo: str, webhook_id: int) -> dict[str, Any]:
+        """Stop sending to webhook ``webhook_id`` of ``repo`` (NotFound if it has none such)."""
+        return dict(request_json(self._http, "DELETE", f"{_webhooks_path(repo)}/{int(webhook_id)}"))
+
+    def webhook_deliveries(self, repo: str, webhook_id: int, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest deliveries of a webhook: ``id``, ``event``, ``status`` (pending, delivered, failed),
+        ``attempts``, ``last_status_code``, ``last_error``, times."""
+        path = f"{_webhooks_path(repo)}/{int(webhook_id)}/deliveries"
+        return list(request_json(self._http, "GET", path, params={"limit": limit})["deliveries"])
+
     def _policy_path(self, repo: str, alias: str) -> str:
         return self._alias_path(RepoName.parse(repo), validate_alias(alias)) + "/policy"
 
@@ -1043,3 +1078,8 @@ def _keys_path(namespace: str) -> str:
 def _signatures_path(repo: str, number: int) -> str:
     repo_name = RepoName.parse(repo)
     return f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions/{number}/signatures"
+
+
+def _webhooks_path(repo: str) -> str:
+    repo_name = RepoName.parse(repo)
+    return f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/webhooks"

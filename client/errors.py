@@ -24,7 +24,8 @@ classes to exit codes in one table (``deltareg.client.cli.EXIT_CODES``).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 
 class DeltaregError(Exception):
@@ -37,7 +38,7 @@ class DeltaregError(Exception):
         super().__init__(message)
         self.message = message
 
-    def to_body(self) -> dict[str, str]:
+    def to_body(self) -> dict[str, Any]:
         return {"error": self.code, "detail": self.message}
 
 
@@ -131,10 +132,18 @@ class Conflict(DeltaregError):
 
 
 class PolicyViolation(DeltaregError):
-    """A promotion policy refused an alias move; the message lists every rule that failed."""
+    """A promotion policy refused an alias move; the message lists every rule that failed, and so does
+    ``failed_rules`` (sent in the response body too, for programs and the web UI)."""
 
     code = "policy_violation"
     status_code = 403
+
+    def __init__(self, message: str, failed_rules: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.failed_rules = list(failed_rules)
+
+    def to_body(self) -> dict[str, Any]:
+        return {**super().to_body(), "failed_rules": self.failed_rules}
 
 
 class VersionYanked(DeltaregError):

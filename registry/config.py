@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,9 @@ class Settings(BaseSettings):
     # An admin token given to the server itself, for first set-up and automation (create real tokens
     # with it, then unset it): accepted as the actor "bootstrap", never stored.
     bootstrap_token: SecretStr | None = None
+
+    # DELTAREG_LOG_FORMAT: "text" (readable lines) or "json" (one object a line, for log collectors).
+    log_format: Literal["text", "json"] = "text"
 
     # ---- S3 (used only with an s3:// storage_url)
     s3_endpoint_url: str | None = None

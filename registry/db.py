@@ -21,6 +21,10 @@ WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WRITE_OPTION = "deltareg_write"
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
+# Connections kept open per process. SQLAlchemy's default (5, +10 overflow, closed again after use) is far
+# below the 40 threads that run sync routes: under concurrent reads every request waited for a connection
+# or opened and closed one (bench/bench_metadata.py). At most 32 + 8 per process on PostgreSQL.
+POOL_SIZE, POOL_OVERFLOW = 32, 8
 # PostgreSQL error classes that mean "the database cannot serve us right now" rather than a bad query:
 # connection exceptions, insufficient resources, operator intervention (shutdown, terminated backend,
 # statement timeout), invalid catalog (the database does not exist), invalid authorization, and
@@ -60,10 +64,17 @@ def make_engine(url: str) -> Engine:
         # pre_ping: a connection the server closed (restart, pg_terminate_backend) is replaced on
         # checkout, so the registry recovers by itself once the database is back.
         return create_engine(
-            url, pool_pre_ping=True, connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS}
+            url,
+            pool_pre_ping=True,
+            pool_size=POOL_SIZE,
+            max_overflow=POOL_OVERFLOW,
+            connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS},
         )
     _create_sqlite_folder(url)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    database = make_url(url).database or ""
+    in_memory = database in ("", ":memory:") or "mode=memory" in url  # one connection, no pool to size
+    pool = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **pool)
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_sqlite_transaction)
     return engine

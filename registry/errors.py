@@ -15,9 +15,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deltareg.client.errors import DeltaregError, InvalidInput, NotFound
+from deltareg.client.errors import DeltaregError, InvalidInput, NotFound, PolicyViolation
 from deltareg.registry.body import describe_errors
 from deltareg.registry.db import unavailable_error
+from deltareg.registry.observability.logs import current_request_id
+from deltareg.registry.observability.metrics import metrics_of
 
 logger = logging.getLogger("deltareg.registry")
 
@@ -28,6 +30,8 @@ def error_response(error: DeltaregError, status_code: int | None = None) -> JSON
 
 async def _deltareg_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DeltaregError)
+    if isinstance(exc, PolicyViolation):  # counted where every refusal is answered, whichever route
+        metrics_of(request.app).policy_refusals.inc()
     if exc.status_code == 503:
         logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
     return error_response(exc)
@@ -96,5 +100,9 @@ class CatchUnhandled:
             logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             if response_started:
                 raise  # too late for a clean answer; let the server drop the connection
-            body = DeltaregError("internal server error; the server log has the details")
+            # The request id lets the operator find the traceback of this very request in the log.
+            request_id = current_request_id.get()
+            body = DeltaregError(
+                f"internal server error; the server log has the details (request id {request_id})"
+            )
             await error_response(body)(scope, receive, send)

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse
 
 from deltareg.registry.aliases.routes import router as aliases_router
 from deltareg.registry.audit.routes import router as audit_router
@@ -22,12 +23,17 @@ from deltareg.registry.gc.task import periodic_gc
 from deltareg.registry.history.routes import router as history_router
 from deltareg.registry.lineage.routes import router as lineage_router
 from deltareg.registry.migrate import check_schema, upgrade
+from deltareg.registry.observability.metrics import Metrics, metrics_endpoint
+from deltareg.registry.observability.middleware import RequestObservability
 from deltareg.registry.policies.routes import router as policies_router
 from deltareg.registry.results.routes import router as results_router
 from deltareg.registry.search.routes import router as search_router
 from deltareg.registry.signing.routes import router as signing_router
 from deltareg.registry.storage import open_store
+from deltareg.registry.ui.routes import mount_ui
 from deltareg.registry.versions.routes import router as versions_router
+from deltareg.registry.webhooks.routes import router as webhooks_router
+from deltareg.registry.webhooks.task import delivering_webhooks
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -42,14 +48,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not settings.auto_migrate:
         check_schema(settings.database_url)
     database = Database.connect(settings.database_url)
+    metrics = Metrics()  # per app: several apps may live in one process
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if settings.auto_migrate:
             await anyio.to_thread.run_sync(upgrade, settings.database_url)
         try:
-            async with periodic_gc(database, store):  # DELTAREG_GC_INTERVAL_SECONDS; off by default
-                yield
+            # DELTAREG_GC_INTERVAL_SECONDS; off by default
+            async with periodic_gc(database, store, on_report=metrics.gc_ran):
+                async with delivering_webhooks(database):  # DELTAREG_WEBHOOK_*; on every replica
+                    yield
         finally:
             database.dispose()
 
@@ -63,7 +72,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.database = database
     app.state.store = store
+    app.state.metrics = metrics
     add_exception_handlers(app)
+    # Added after CatchUnhandled, so it wraps it: a 500 carries the request id and is timed too.
+    app.add_middleware(RequestObservability, metrics=metrics)
     app.include_router(auth_router)
     app.include_router(blobs_router)
     app.include_router(versions_router)
@@ -76,8 +88,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(policies_router)
     app.include_router(results_router)
     app.include_router(signing_router)
+    app.include_router(webhooks_router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"])
+    mount_ui(app)  # last: it wraps the error handlers above to answer /ui paths with HTML
+    app.add_api_route(
+        "/metrics", metrics_endpoint, methods=["GET"], tags=["health"], response_class=PlainTextResponse
+    )
     return app
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -332,3 +333,54 @@ class ApiToken(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     revoked_by: Mapped[str | None] = mapped_column(String(ACTOR_LENGTH))
+
+
+WEBHOOK_URL_LENGTH = 2048
+
+
+class Webhook(Base):
+    """A receiver subscribed to events of one repo (``namespace/name``, matched against audit entries).
+
+    The secret signs every payload (HMAC-SHA256), so it is kept as given: shown once when created, never
+    listed. Deleting a webhook only deactivates it, so its delivery log stays readable.
+    """
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo: Mapped[str] = mapped_column(String(2 * NAME_PART_LENGTH + 1), index=True)
+    url: Mapped[str] = mapped_column(String(WEBHOOK_URL_LENGTH))
+    secret: Mapped[str] = mapped_column(String(256))
+    events: Mapped[str] = mapped_column(Text)  # JSON list of event names, sorted
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_by: Mapped[str] = mapped_column(String(ACTOR_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: queued in the transaction of the write (an outbox), then sent by the
+    delivery worker until the receiver answers 2xx or the attempts run out."""
+
+    __tablename__ = "webhook_deliveries"
+    # The worker's "due deliveries" is a range scan on (status, next_attempt_at); a webhook's log is read
+    # newest first by (webhook_id, audit_entry_id).
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook_id_audit_entry_id", "webhook_id", "audit_entry_id"),
+    )
+
+    # A UUID: sent as X-Deltareg-Delivery, the same on every attempt, so receivers can drop repeats.
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id"))
+    event: Mapped[str] = mapped_column(String(64))
+    audit_entry_id: Mapped[int] = mapped_column(ForeignKey("audit_log.id"))
+    payload: Mapped[str] = mapped_column(Text)  # the exact JSON body sent
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the worker may next send it: due now when queued, pushed forward by a lease while a worker
+    # sends it, then by the backoff after a failure.
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)  # of the latest failed attempt
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -10,6 +10,7 @@ Also runnable as ``python -m deltareg.registry.serve --host H --port P --data-di
 from __future__ import annotations
 
 import argparse
+import logging.config
 import os
 import socket
 import sys
@@ -24,6 +25,7 @@ from deltareg.registry.config import Settings
 from deltareg.registry.db import Database, safe_url
 from deltareg.registry.main import create_app
 from deltareg.registry.migrate import upgrade
+from deltareg.registry.observability.logs import logging_config
 
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -37,6 +39,9 @@ def run(host: str, port: int, data_dir: str | None) -> None:
     (a DeltaregError) when the schema of a shared database is not current.
     """
     settings = Settings(data_dir=Path(data_dir)) if data_dir is not None else Settings()
+    # DELTAREG_LOG_FORMAT, for the registry's and uvicorn's loggers alike (to stderr; the lines printed
+    # below go to stdout, as before).
+    logging.config.dictConfig(logging_config(settings.log_format))
     if settings.auto_migrate:
         upgrade(settings.database_url)
     app = create_app(settings.model_copy(update={"auto_migrate": False}))
@@ -48,7 +53,10 @@ def run(host: str, port: int, data_dir: str | None) -> None:
             settings, [f"http://{shown_host}:{bound}", *_loopback_urls(host, bound)]
         )
     print(f"deltareg registry listening on http://{shown_host}:{bound} ({_where(settings)})", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, workers=1, log_level="info"))
+    # log_config=None: keep the logging configured above. No uvicorn access log: the app logs its own
+    # access line (route template and request id, never a query string).
+    config = uvicorn.Config(app, workers=1, log_level="info", log_config=None, access_log=False)
+    server = uvicorn.Server(config)
     server.run(sockets=[sock])
 
 

@@ -79,4 +79,5 @@ from deltareg.client.cli import (  # noqa: E402,F401
     results,
     signing,
     tokens,
+    webhooks,
 )

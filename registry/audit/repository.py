@@ -12,6 +12,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from deltareg.registry.models import AuditEntry, utcnow
+from deltareg.registry.webhooks.repository import WebhookRepository
 
 GENESIS_HASH = "sha256:" + "0" * 64
 # One key for the whole log: appends are serialized so that each entry chains onto the one before it.
@@ -68,6 +69,8 @@ class AuditRepository:
         entry.entry_hash = entry_hash(entry)
         self.session.add(entry)
         self.session.flush()
+        # The webhook outbox: deliveries of this entry commit (or roll back) with the write itself.
+        WebhookRepository(self.session).enqueue(entry)
         return entry
 
     def _lock(self) -> None:

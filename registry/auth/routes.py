@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Request
 
 from deltareg.registry.audit.refusals import RefusalsDep
-from deltareg.registry.auth.principal import authenticate
+from deltareg.registry.auth.principal import authenticate, forget_principals
 from deltareg.registry.auth.schemas import CreateTokenRequest, TokenCreated, TokenList, TokenOut, WhoAmI
 from deltareg.registry.auth.service import TokenService
 from deltareg.registry.body import json_body, openapi_body
@@ -40,10 +40,15 @@ def list_tokens(service: TokenServiceDep) -> TokenList:
 
 
 @router.post("/tokens/{token_id}/revoke")
-def revoke_token(token_id: TokenId, service: TokenServiceDep, refusals: RefusalsDep) -> TokenOut:
-    """Revoke a token (admin): refused from its next request on. Audited as ``token.revoke``."""
+def revoke_token(
+    token_id: TokenId, service: TokenServiceDep, refusals: RefusalsDep, request: Request
+) -> TokenOut:
+    """Revoke a token (admin): refused from its next request on (by other worker processes within
+    PRINCIPAL_CACHE_SECONDS). Audited as ``token.revoke``."""
     refusals.watch("token.revoke", f"token:{token_id}", repo=None)
-    return service.revoke(token_id, actor=refusals.actor)
+    revoked = service.revoke(token_id, actor=refusals.actor)
+    forget_principals(request)
+    return revoked
 
 
 @router.get("/whoami")

@@ -18,9 +18,18 @@ from typing import Literal
 
 from fastapi import Request
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
 from deltareg.client.errors import AuthenticationRequired, PermissionDenied
-from deltareg.registry.auth.principal import ADMIN, PROMOTE, READ, WRITE, Principal, authenticate
+from deltareg.registry.auth.principal import (
+    ADMIN,
+    PROMOTE,
+    READ,
+    WRITE,
+    Principal,
+    authenticate,
+    known_principal,
+)
 
 NamespaceFrom = Literal["path", "query", "none"]
 
@@ -34,10 +43,13 @@ class Rule:
 PUBLIC = Rule(None, "none")
 VERSION = "/api/v1/repos/{namespace}/{name}/versions/{number}"
 ALIAS = "/api/v1/repos/{namespace}/{name}/aliases/{alias}"
+UI_REPO = "/ui/repos/{namespace}/{name}"
 
 RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/healthz"): PUBLIC,
     ("GET", "/readyz"): PUBLIC,
+    # Prometheus scrapes without a token; labels hold route templates, never repo names or tokens.
+    ("GET", "/metrics"): PUBLIC,
     ("GET", "/api/v1/whoami"): PUBLIC,
     # tokens
     ("POST", "/api/v1/tokens"): Rule(ADMIN, "none"),
@@ -84,11 +96,31 @@ RULES: dict[tuple[str, str], Rule] = {
     # audit log
     ("GET", "/api/v1/audit"): Rule(READ, "query"),
     ("GET", "/api/v1/audit/verify"): Rule(READ, "none"),
+    # webhooks: admin only (URLs may carry a receiver's credentials; secrets are never listed)
+    ("POST", "/api/v1/repos/{namespace}/{name}/webhooks"): Rule(ADMIN),
+    ("GET", "/api/v1/repos/{namespace}/{name}/webhooks"): Rule(ADMIN),
+    ("DELETE", "/api/v1/repos/{namespace}/{name}/webhooks/{webhook_id}"): Rule(ADMIN),
+    ("GET", "/api/v1/repos/{namespace}/{name}/webhooks/{webhook_id}/deliveries"): Rule(ADMIN),
+    # web UI (registry/ui): each page needs what the API call it shows needs
+    ("GET", "/ui"): Rule(READ, "query"),  # as GET /api/v1/repos (?namespace=)
+    ("GET", "/ui/audit"): Rule(READ, "query"),  # as GET /api/v1/audit (?repo=)
+    ("GET", UI_REPO): Rule(READ),
+    ("GET", UI_REPO + "/versions/{number}"): Rule(READ),
+    ("POST", UI_REPO + "/promote"): Rule(PROMOTE),
+    ("POST", UI_REPO + "/rollback"): Rule(PROMOTE),
+    ("POST", UI_REPO + "/versions/{number}/yank"): Rule(PROMOTE),
+    ("POST", UI_REPO + "/versions/{number}/approve"): Rule(PROMOTE),
+    ("GET", "/ui/login"): PUBLIC,
+    ("POST", "/ui/login"): PUBLIC,  # checks the token it is given
+    ("POST", "/ui/logout"): PUBLIC,
 }
 
 
-def authorize(request: Request) -> None:
+async def authorize(request: Request) -> None:
     """Every route: the caller's token must have the route's scope on the namespace it acts on.
+
+    async, and a token this process saw moments ago is not looked up again (auth.principal): most
+    requests are authorized without a query and without a hop to the thread pool.
 
     Raises:
         AuthenticationRequired: no token (or a bad one) where one is needed (401).
@@ -101,7 +133,9 @@ def authorize(request: Request) -> None:
         raise PermissionDenied(f"{request.method} {path} has no authorization rule; nobody may call it")
     if rule.scope is None:
         return  # health checks never look at tokens; whoami reads its own
-    principal = authenticate(request)
+    principal = known_principal(request)
+    if principal is None:  # a token this process has not seen lately: look it up, off the event loop
+        principal = await run_in_threadpool(authenticate, request)
     if rule.scope not in principal.scopes:
         _refuse_scope(principal, rule.scope, request.method, path)
     namespace = _namespace_of(request, rule.namespace)

@@ -19,6 +19,7 @@ from deltareg.registry.blobs.schemas import (
 from deltareg.registry.blobs.service import BlobService
 from deltareg.registry.body import json_body, openapi_body
 from deltareg.registry.deps import SessionDep, SettingsDep, StoreDep
+from deltareg.registry.observability.metrics import CommitCountsDep
 from deltareg.registry.storage import LocalFile
 
 # Every route is sync: FastAPI runs it in its thread pool, so blocking store calls (disk, boto3) never
@@ -47,23 +48,36 @@ def plan_uploads(body: UploadRequestBody, service: BlobServiceDep) -> UploadPlan
 
 
 @router.post("/downloads", openapi_extra=openapi_body(DownloadRequest))
-def plan_downloads(body: DownloadRequestBody, service: BlobServiceDep) -> DownloadPlan:
+def plan_downloads(
+    body: DownloadRequestBody, service: BlobServiceDep, counts: CommitCountsDep
+) -> DownloadPlan:
     """Where to download each blob from (Range requests supported there)."""
-    return DownloadPlan(blobs=service.download_targets(body.digests))
+    targets = service.download_targets(body.digests)
+    counts.on_commit(lambda metrics: metrics.planned_downloads([target.size for target in targets]))
+    return DownloadPlan(blobs=targets)
 
 
 @router.post("/{digest}/complete", openapi_extra=openapi_body(CompleteRequest))
-def complete_upload(digest: str, body: CompleteRequestBody, service: BlobServiceDep) -> BlobStored:
+def complete_upload(
+    digest: str, body: CompleteRequestBody, service: BlobServiceDep, counts: CommitCountsDep
+) -> BlobStored:
     """Finish a direct upload: the server checks the bytes' sha256 and size, then records the blob."""
-    return service.complete(digest, body)
+    stored = service.complete(digest, body)
+    if stored.created:
+        counts.on_commit(lambda metrics: metrics.uploaded(stored.size))
+    return stored
 
 
 @router.put("/{digest}", status_code=201, responses={200: {"model": BlobStored}})
-def upload_blob(digest: str, request: Request, response: Response, service: BlobServiceDep) -> BlobStored:
+def upload_blob(
+    digest: str, request: Request, response: Response, service: BlobServiceDep, counts: CommitCountsDep
+) -> BlobStored:
     """Upload a blob's raw bytes (application/octet-stream); stored only if they hash to the digest."""
     stored = service.upload(digest, _body_chunks(request), declared_size=_content_length(request))
     if not stored.created:
         response.status_code = 200
+    else:
+        counts.on_commit(lambda metrics: metrics.uploaded(stored.size))
     return stored
 
 

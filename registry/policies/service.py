@@ -163,7 +163,8 @@ class PolicyService:
             rules = "1 rule" if len(failed) == 1 else f"{len(failed)} rules"
             raise PolicyViolation(
                 f"the policy of alias {alias} of {repo.full_name} refuses version {target.number} "
-                f"({rules} failed): " + "; ".join(failed) + "; nothing changed"
+                f"({rules} failed): " + "; ".join(failed) + "; nothing changed",
+                failed_rules=failed,
             )
 
     def _candidate(self, repo: Repo, version: Version) -> Candidate:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from deltareg.registry.audit.refusals import RefusalsDep
 from deltareg.registry.body import json_body, openapi_body
 from deltareg.registry.deps import SessionDep, StoreDep, VersionNumber
+from deltareg.registry.observability.metrics import CommitCountsDep
 from deltareg.registry.versions.schemas import (
     CreateVersionRequest,
     RepoDetail,
@@ -21,7 +22,8 @@ from deltareg.registry.versions.service import VersionService
 router = APIRouter(prefix="/api/v1", tags=["versions"])
 
 
-def get_version_service(session: SessionDep, store: StoreDep) -> VersionService:
+async def get_version_service(session: SessionDep, store: StoreDep) -> VersionService:
+    # async: it only builds objects, so it needs no hop to the thread pool (see deltareg.registry.deps)
     return VersionService(session, store)
 
 
@@ -45,6 +47,7 @@ def push_version(
     response: Response,
     service: VersionServiceDep,
     refusals: RefusalsDep,
+    counts: CommitCountsDep,
 ) -> VersionCreated:
     """Create a version from a manifest whose blobs are uploaded (the repo is created on first push).
 
@@ -54,6 +57,8 @@ def push_version(
     version = service.push(namespace, name, body.manifest, body.evals, actor=refusals.actor)
     if not version.created:
         response.status_code = 200
+    else:
+        counts.on_commit(lambda metrics: metrics.pushes.inc())
     return version
 
 

@@ -50,11 +50,12 @@ def test_unhandled_error_is_a_generic_500_and_logged(client, settings, caplog):
             connection.execute(text(f"DROP TABLE {table}"))
     engine.dispose()
     with caplog.at_level(logging.ERROR, logger="deltareg.registry"):
-        response = client.get("/api/v1/repos")
+        response = client.get("/api/v1/versions")  # a search reads the versions table
     assert response.status_code == 500
     assert response.json() == {
         "error": "internal_error",
-        "detail": "internal server error; the server log has the details",
+        "detail": "internal server error; the server log has the details "
+        f"(request id {response.headers['x-request-id']})",
     }
     assert "Traceback" not in response.text and "versions" not in response.text
     assert any(record.exc_info for record in caplog.records)

@@ -257,6 +257,7 @@ def test_each_rule_alone_refuses_with_its_message_and_nothing_changes(registry, 
         f"the policy of alias production of {REPO} refuses version 2 (1 rule failed): "
         f"{message}; nothing changed"
     )
+    assert refused.json()["failed_rules"] == [message]  # for programs: the same rules, as a list
     assert holder(registry, "production") == 1
     assert count(registry.settings, "alias_moves") == moves
     new = audit(registry)[entries:]
