@@ -123,7 +123,7 @@ def test_a_malformed_target_is_refused() -> None:
 
 
 def test_plots_are_drawn_as_png_and_linked_relative_to_the_report(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")  # the `bench` extra; the report without plots needs none
+    pytest.importorskip("matplotlib")  # in the dev and bench extras; the report without plots needs none
     text = render(tmp_path, [fingerprint_result(0.5)], {}, plots=True)
 
     png = tmp_path / "plots" / "fingerprint.png"
