@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_blob_bytes: int = Field(default=256 * GIB, gt=0)
     max_manifest_bytes: int = Field(default=MIB, gt=0)
     max_json_bytes: int = Field(default=MIB, gt=0)
+    # Memory per server process for rendered versions served by GET /resolve while they are unchanged
+    # (deltareg.registry.versions.reads); 0 renders every request.
+    version_cache_bytes: int = Field(default=64 * MIB, ge=0)
     # None means: migrate automatically on SQLite (embedded), never on a shared server database.
     auto_migrate: bool | None = None
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from sqlalchemy import Engine, create_engine, event, make_url
@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from deltareg.client.errors import ServiceUnavailable
 
+_T = TypeVar("_T")
+
 # HTTP methods whose unit of work may write: on SQLite they take the write lock when they begin.
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -25,6 +27,9 @@ POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
 # below the 40 threads that run sync routes: under concurrent reads every request waited for a connection
 # or opened and closed one (bench/bench_metadata.py). At most 32 + 8 per process on PostgreSQL.
 POOL_SIZE, POOL_OVERFLOW = 32, 8
+# Database.single_read's own pool on PostgreSQL: its reads take a millisecond, so a few connections serve
+# many requests (a request waits for a free one rather than opening a 41st).
+SINGLE_READ_POOL_SIZE, SINGLE_READ_POOL_OVERFLOW = 16, 8
 # PostgreSQL error classes that mean "the database cannot serve us right now" rather than a bad query:
 # connection exceptions, insufficient resources, operator intervention (shutdown, terminated backend,
 # statement timeout), invalid catalog (the database does not exist), invalid authorization, and
@@ -42,20 +47,56 @@ class Database:
     engine: Engine
     read_sessions: sessionmaker[Session]
     write_sessions: sessionmaker[Session]
+    # One-statement reads (see single_read); on SQLite the engine itself.
+    single_reads: Engine
 
     @classmethod
     def connect(cls, url: str) -> Database:
         """Create the engine for ``url`` (no connection is opened yet)."""
         engine = make_engine(url)
         write_engine = engine.execution_options(**{_WRITE_OPTION: True})
+        sqlite = engine.dialect.name == "sqlite"
         return cls(
             engine=engine,
             read_sessions=sessionmaker(engine, expire_on_commit=False),
             write_sessions=sessionmaker(write_engine, expire_on_commit=False),
+            single_reads=engine if sqlite else make_single_read_engine(url),
         )
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.single_reads is not self.engine:
+            self.single_reads.dispose()
+
+    def single_read(self, read: Callable[[Connection], _T]) -> _T:
+        """``read(connection)`` for a read of one statement, retried once if its connection was dead.
+
+        On PostgreSQL these connections come from their own pool, without a ping on checkout and without
+        a transaction around the statement (psycopg's autocommit, a client-side switch; one statement
+        reads one snapshot anyway): three round trips fewer than a session's SELECT 1, BEGIN and ROLLBACK
+        on the registry's hottest request (bench/bench_metadata.py). A connection the server closed
+        shows up as an error on use instead; SQLAlchemy then drops every pooled connection of that
+        age, and a read is safe to repeat, so the one retry runs on a fresh connection.
+        """
+        try:
+            with self.single_reads.connect() as connection:
+                return read(connection)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+        with self.single_reads.connect() as connection:
+            return read(connection)
+
+
+def make_single_read_engine(url: str) -> Engine:
+    """The PostgreSQL engine of Database.single_read: autocommit, no pre-ping, a pool of its own."""
+    return create_engine(
+        url,
+        isolation_level="AUTOCOMMIT",
+        pool_size=SINGLE_READ_POOL_SIZE,
+        max_overflow=SINGLE_READ_POOL_OVERFLOW,
+        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_SECONDS},
+    )
 
 
 def make_engine(url: str) -> Engine:

@@ -31,6 +31,7 @@ from deltareg.registry.search.routes import router as search_router
 from deltareg.registry.signing.routes import router as signing_router
 from deltareg.registry.storage import open_store
 from deltareg.registry.ui.routes import mount_ui
+from deltareg.registry.versions.reads import RenderedVersions, VersionReads
 from deltareg.registry.versions.routes import router as versions_router
 from deltareg.registry.webhooks.routes import router as webhooks_router
 from deltareg.registry.webhooks.task import delivering_webhooks
@@ -73,12 +74,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.database = database
     app.state.store = store
     app.state.metrics = metrics
+    app.state.version_reads = VersionReads(database, store, RenderedVersions(settings.version_cache_bytes))
     add_exception_handlers(app)
     # Added after CatchUnhandled, so it wraps it: a 500 carries the request id and is timed too.
     app.add_middleware(RequestObservability, metrics=metrics)
+    # Routes are matched in the order included: the versions router first, for GET /resolve, the
+    # registry's hottest request (no two routers' paths overlap, so the order changes nothing else).
+    app.include_router(versions_router)
     app.include_router(auth_router)
     app.include_router(blobs_router)
-    app.include_router(versions_router)
     app.include_router(aliases_router)
     app.include_router(audit_router)
     app.include_router(evals_router)

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
+from deltareg.client.refs import Reference
 from deltareg.registry.audit.refusals import RefusalsDep
 from deltareg.registry.body import json_body, openapi_body
 from deltareg.registry.deps import SessionDep, StoreDep, VersionNumber
 from deltareg.registry.observability.metrics import CommitCountsDep
+from deltareg.registry.versions.reads import VersionReads
 from deltareg.registry.versions.schemas import (
     CreateVersionRequest,
     RepoDetail,
@@ -80,20 +82,27 @@ def get_version(namespace: str, name: str, number: VersionNumber, service: Versi
     return service.get_version(namespace, name, number)
 
 
-@router.get("/resolve")
-def resolve(
+async def get_version_reads(request: Request) -> VersionReads:
+    reads: VersionReads = request.app.state.version_reads
+    return reads
+
+
+@router.get("/resolve", response_model=VersionOut)
+async def resolve(
     ref: Annotated[str, Query(max_length=512)],
-    service: VersionServiceDep,
+    reads: Annotated[VersionReads, Depends(get_version_reads)],
     allow_yanked: Annotated[
         bool, Query(description="resolve a yanked version too; only with ns/name:N or ns/name@sha256:...")
     ] = False,
-) -> VersionOut:
+) -> Response:
     """Resolve a reference (ns/name, ns/name:N, ns/name@sha256:..., ns/name@alias) to a version.
 
     ``ns/name`` is the newest version that is not yanked. A yanked version named exactly is 410
     ``version_yanked`` (the message gives the reason) unless ``allow_yanked=true``.
     """
-    return service.resolve_text(ref, allow_yanked=allow_yanked)
+    # async, one query and an already rendered body in the common case (deltareg.registry.versions.reads)
+    body = await reads.resolve_json(Reference.parse(ref), allow_yanked=allow_yanked)
+    return Response(body, media_type="application/json")
 
 
 @router.post(

@@ -229,10 +229,6 @@ class VersionService:
         ref = Reference(RepoName.parse(f"{namespace}/{name}"), version=number)
         return self.resolve(ref, allow_yanked=True)
 
-    def resolve_text(self, text: str, *, allow_yanked: bool = False) -> VersionOut:
-        """The version a reference text (``ns/name``, ``:N``, ``@sha256:...``, ``@alias``) names."""
-        return self.resolve(Reference.parse(text), allow_yanked=allow_yanked)
-
     def resolve(self, ref: Reference, *, allow_yanked: bool = False) -> VersionOut:
         """The version a reference names (newest not yanked, by number, by manifest digest, by alias).
 

@@ -192,6 +192,24 @@ def test_terminated_connections_are_replaced_without_an_error(registry, postgres
 
 
 @pytest.mark.backends("postgres")
+def test_a_resolve_on_a_terminated_connection_is_retried_on_a_fresh_one(registry, postgres_server):
+    # GET /resolve reads through Database.single_read: its pool pings nothing on checkout, so the dead
+    # connection fails on use and the read is repeated once on a new connection.
+    registry.push(REPO, registry.lora_files(0))
+    ref = {"ref": f"{REPO}:1"}
+    assert registry.client.get("/api/v1/resolve", params=ref).status_code == 200
+    single_reads = registry.client.app.state.database.single_reads
+    assert single_reads.pool.checkedin() >= 1  # the connection that answered is pooled again
+    name = make_url(registry.settings.database_url).database
+    with admin(postgres_server) as connection:
+        connection.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+    response = registry.client.get("/api/v1/resolve", params=ref)
+    assert (response.status_code, response.json()["number"]) == (200, 1), response.text
+
+
+@pytest.mark.backends("postgres")
 def test_a_connection_killed_mid_push_is_503_writes_nothing_and_the_next_push_works(
     registry, postgres_server
 ):
