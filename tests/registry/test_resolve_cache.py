@@ -40,19 +40,23 @@ def resolve(registry: Any, ref: str, **params: Any) -> Any:
 
 @contextmanager
 def selects_counted(registry: Any) -> Iterator[list[str]]:
-    """The SELECT statements the app sends to its database inside the block."""
-    engine = registry.client.app.state.database.engine
+    """The SELECT statements the app sends to its database inside the block, through either engine
+    (on PostgreSQL the locating query has a pool of its own: Database.single_read)."""
+    database = registry.client.app.state.database
+    engines = {database.engine, database.single_reads}
     seen: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if statement.lstrip().upper().startswith("SELECT"):
             seen.append(statement)
 
-    event.listen(engine, "before_cursor_execute", record)
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
 
 
 def test_a_repeated_resolve_is_one_query_and_the_same_bytes(registry, two_versions):
