@@ -58,8 +58,10 @@ from deltareg.registry.observability.logs import logging_config
 BENCH_DIR = Path(__file__).resolve().parent
 MLFLOW_VENV = BENCH_DIR / ".venvs" / "mlflow"
 # The newest MLflow pip can install here (PyPI lists mlflow 3.18.0, but its mlflow-skinny 3.18.0 is not
-# there yet). Its SQLAlchemy 2.1 reaches PostgreSQL through psycopg 3, not psycopg2.
-MLFLOW_PIN = ["mlflow==3.17.2", "psycopg[binary]==3.3.9"]
+# there yet). Its SQLAlchemy 2.1 reaches PostgreSQL through psycopg 3, not psycopg2. uvloop and httptools
+# give MLflow's uvicorn the same event loop and HTTP parser as deltareg's server extra, so that the two
+# differ in their own code, not in the HTTP stack under it.
+MLFLOW_PIN = ["mlflow==3.17.2", "psycopg[binary]==3.3.9", "uvloop==0.23.0", "httptools==0.9.0"]
 NAMESPACE, NAME, ALIAS = "bench", "big", "production"
 MLFLOW_MODEL = "bench-big"
 DELTAREG_PATH = f"/api/v1/resolve?ref={quote(f'{NAMESPACE}/{NAME}@{ALIAS}', safe='')}"

@@ -22,14 +22,17 @@ _T = TypeVar("_T")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _WRITE_OPTION = "deltareg_write"
+_ONE_STATEMENT_OPTION = "deltareg_one_statement"  # see _begin_sqlite_transaction
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
 # Connections kept open per process. SQLAlchemy's default (5, +10 overflow, closed again after use) is far
 # below the 40 threads that run sync routes: under concurrent reads every request waited for a connection
 # or opened and closed one (bench/bench_metadata.py). At most 32 + 8 per process on PostgreSQL.
 POOL_SIZE, POOL_OVERFLOW = 32, 8
 # Database.single_read's own pool on PostgreSQL: its reads take a millisecond, so a few connections serve
-# many requests (a request waits for a free one rather than opening a 41st).
-SINGLE_READ_POOL_SIZE, SINGLE_READ_POOL_OVERFLOW = 16, 8
+# many requests (a request waits for a free one rather than opening a 41st). No overflow: an overflow
+# connection is closed again when returned, and under steady load that meant a new PostgreSQL backend
+# every few requests (bench/bench_metadata.py).
+SINGLE_READ_POOL_SIZE, SINGLE_READ_POOL_OVERFLOW = 24, 0
 # PostgreSQL error classes that mean "the database cannot serve us right now" rather than a bad query:
 # connection exceptions, insufficient resources, operator intervention (shutdown, terminated backend,
 # statement timeout), invalid catalog (the database does not exist), invalid authorization, and
@@ -47,7 +50,7 @@ class Database:
     engine: Engine
     read_sessions: sessionmaker[Session]
     write_sessions: sessionmaker[Session]
-    # One-statement reads (see single_read); on SQLite the engine itself.
+    # One-statement reads (see single_read); on SQLite the engine's own pool, without a BEGIN.
     single_reads: Engine
 
     @classmethod
@@ -60,12 +63,16 @@ class Database:
             engine=engine,
             read_sessions=sessionmaker(engine, expire_on_commit=False),
             write_sessions=sessionmaker(write_engine, expire_on_commit=False),
-            single_reads=engine if sqlite else make_single_read_engine(url),
+            single_reads=(
+                engine.execution_options(**{_ONE_STATEMENT_OPTION: True})
+                if sqlite
+                else make_single_read_engine(url)
+            ),
         )
 
     def dispose(self) -> None:
         self.engine.dispose()
-        if self.single_reads is not self.engine:
+        if self.single_reads.pool is not self.engine.pool:
             self.single_reads.dispose()
 
     def single_read(self, read: Callable[[Connection], _T]) -> _T:
@@ -76,7 +83,8 @@ class Database:
         reads one snapshot anyway): three round trips fewer than a session's SELECT 1, BEGIN and ROLLBACK
         on the registry's hottest request (bench/bench_metadata.py). A connection the server closed
         shows up as an error on use instead; SQLAlchemy then drops every pooled connection of that
-        age, and a read is safe to repeat, so the one retry runs on a fresh connection.
+        age, and a read is safe to repeat, so the one retry runs on a fresh connection. On SQLite they
+        share the engine's pool but send no BEGIN and ROLLBACK, for the same reason.
         """
         try:
             with self.single_reads.connect() as connection:
@@ -144,8 +152,11 @@ def _begin_sqlite_transaction(connection: Connection) -> None:
     # A writer takes the lock up front (waiting up to the busy timeout): a deferred transaction that
     # reads first and writes later fails at once with "database is locked" when another writer got in
     # between. Readers stay deferred so they never wait for writers (WAL).
-    immediate = connection.get_execution_options().get(_WRITE_OPTION, False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    # Database.single_read's one statement needs no BEGIN: SQLite runs it on one snapshot by itself.
+    options = connection.get_execution_options()
+    if options.get(_ONE_STATEMENT_OPTION, False):
+        return
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get(_WRITE_OPTION, False) else "BEGIN")
 
 
 def get_session(request: Request) -> Iterator[Session]:

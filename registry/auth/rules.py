@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
-from deltareg.client.errors import AuthenticationRequired, PermissionDenied
+from deltareg.client.errors import AuthenticationRequired, DeltaregError, PermissionDenied
 from deltareg.registry.auth.principal import (
     ADMIN,
     PROMOTE,
@@ -136,23 +136,36 @@ async def authorize(request: Request) -> None:
     principal = known_principal(request)
     if principal is None:  # a token this process has not seen lately: look it up, off the event loop
         principal = await run_in_threadpool(authenticate, request)
+    refusal = refusal_of(principal, rule, request, path)
+    if refusal is not None:
+        raise refusal
+
+
+def refusal_of(principal: Principal, rule: Rule, request: Request, path: str) -> DeltaregError | None:
+    """Why ``principal`` may not make ``request`` on the route ``rule`` guards; None if it may.
+
+    Shared by :func:`authorize` and the resolve fast path (registry/versions/fast_path.py), so that both
+    apply the same rules.
+    """
+    assert rule.scope is not None, "a public route refuses nobody"
     if rule.scope not in principal.scopes:
-        _refuse_scope(principal, rule.scope, request.method, path)
+        return _scope_refusal(principal, rule.scope, request.method, path)
     namespace = _namespace_of(request, rule.namespace)
     if rule.namespace != "none" and not principal.covers(namespace):
         where = f"namespace {namespace!r}" if namespace else "the whole registry (no namespace given)"
-        raise PermissionDenied(
+        return PermissionDenied(
             f"token {principal.name!r} may act on namespaces {', '.join(principal.namespaces)}, "
             f"not on {where}"
         )
+    return None
 
 
-def _refuse_scope(principal: Principal, scope: str, method: str, path: str) -> None:
+def _scope_refusal(principal: Principal, scope: str, method: str, path: str) -> DeltaregError:
     if principal.anonymous:
-        raise AuthenticationRequired(
+        return AuthenticationRequired(
             f"{method} {path} needs an API token with the {scope!r} scope (DELTAREG_TOKEN or --token)"
         )
-    raise PermissionDenied(
+    return PermissionDenied(
         f"token {principal.name!r} has the scopes {', '.join(sorted(principal.scopes))}; "
         f"{method} {path} needs {scope!r}"
     )

@@ -56,6 +56,10 @@ class Metrics:
         self.policy_refusals = self._counter(
             "deltareg_policy_refusals_total", "Alias moves refused by a promotion policy."
         )
+        self.resolve_cache_hits = self._counter(
+            "deltareg_resolve_cache_hits_total",
+            "Resolves answered from the rendered-version cache (registry/versions/fast_path.py).",
+        )
         self.gc_runs = self._counter("deltareg_gc_runs_total", "Garbage collections run by this server.")
         self.gc_blobs_removed = self._counter(
             "deltareg_gc_blobs_removed_total", "Blobs and stray store objects removed by garbage collection."

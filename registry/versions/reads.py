@@ -131,6 +131,16 @@ class VersionReads:
             self.rendered.put(state, body)
         return body
 
+    async def cached_json(self, ref: Reference) -> bytes | None:
+        """What ``resolve_json(ref, allow_yanked=False)`` answers, if that is in memory and current.
+
+        None when it is not: the version is not found, yanked, not rendered yet or changed since.
+        """
+        state = await run_in_threadpool(self._locate, ref)
+        if state is None or state.yanked:
+            return None
+        return self.rendered.get(state)
+
     def _locate(self, ref: Reference) -> VersionState | None:
         return self.database.single_read(lambda connection: VersionLocator(connection).locate(ref))
 

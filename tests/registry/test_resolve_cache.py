@@ -41,9 +41,12 @@ def resolve(registry: Any, ref: str, **params: Any) -> Any:
 @contextmanager
 def selects_counted(registry: Any) -> Iterator[list[str]]:
     """The SELECT statements the app sends to its database inside the block, through either engine
-    (on PostgreSQL the locating query has a pool of its own: Database.single_read)."""
+    (on PostgreSQL the locating query has a pool of its own: Database.single_read; on SQLite it goes
+    through the main engine, whose listeners see it)."""
     database = registry.client.app.state.database
-    engines = {database.engine, database.single_reads}
+    engines = [database.engine]
+    if database.single_reads.pool is not database.engine.pool:
+        engines.append(database.single_reads)
     seen: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
