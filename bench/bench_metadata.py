@@ -104,10 +104,14 @@ def ensure_wrk() -> str:
 def ensure_mlflow() -> str:
     """The pinned MLflow in its own venv (created on first use); returns its version."""
     python = MLFLOW_VENV / "bin" / "python"
-    if not (MLFLOW_VENV / "bin" / "mlflow").exists():
-        print(f"creating {MLFLOW_VENV} with {' '.join(MLFLOW_PIN)} (a few minutes)", flush=True)
+    installed = MLFLOW_VENV / "deltareg-pins.txt"  # what the venv was last made with
+    if not python.exists():
+        print(f"creating {MLFLOW_VENV} (a few minutes)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(MLFLOW_VENV)], check=True)
+    if not installed.exists() or installed.read_text() != " ".join(MLFLOW_PIN):
+        print(f"installing {' '.join(MLFLOW_PIN)} into {MLFLOW_VENV}", flush=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *MLFLOW_PIN], check=True)
+        installed.write_text(" ".join(MLFLOW_PIN))
     out = subprocess.run(
         [str(python), "-c", "import mlflow; print(mlflow.__version__)"],
         check=True,
