@@ -28,11 +28,12 @@ POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
 # below the 40 threads that run sync routes: under concurrent reads every request waited for a connection
 # or opened and closed one (bench/bench_metadata.py). At most 32 + 8 per process on PostgreSQL.
 POOL_SIZE, POOL_OVERFLOW = 32, 8
-# Database.single_read's own pool on PostgreSQL: its reads take a millisecond, so a few connections serve
-# many requests (a request waits for a free one rather than opening a 41st). No overflow: an overflow
-# connection is closed again when returned, and under steady load that meant a new PostgreSQL backend
-# every few requests (bench/bench_metadata.py).
-SINGLE_READ_POOL_SIZE, SINGLE_READ_POOL_OVERFLOW = 24, 0
+# Database.single_read's own pool on PostgreSQL: its reads take well under a millisecond, so a few
+# connections serve many requests (a request waits for a free one; 8 served as many resolves per second
+# as 24 on 2 cores, with 30 fewer PostgreSQL backends for 2 workers). No overflow: an overflow connection
+# is closed again when returned, and under steady load that meant a new backend every few requests
+# (bench/bench_metadata.py).
+SINGLE_READ_POOL_SIZE, SINGLE_READ_POOL_OVERFLOW = 8, 0
 # PostgreSQL error classes that mean "the database cannot serve us right now" rather than a bad query:
 # connection exceptions, insufficient resources, operator intervention (shutdown, terminated backend,
 # statement timeout), invalid catalog (the database does not exist), invalid authorization, and
