@@ -285,6 +285,21 @@ def test_apply_files_on_a_single_file_and_into_an_empty_folder(
     assert result.files_written == ["model.safetensors"] and entries_of(out) == {"model.safetensors"}
 
 
+def test_apply_files_gives_torch_its_thread_count_back(
+    fp32_base: Path, fp32_adapter: Path, fp32_manifest: Manifest, tmp_path: Path
+) -> None:
+    # The file-to-file merge runs with fewer torch threads (the writer and the hasher need cores too);
+    # torch's count is process-wide, so it must be the caller's again afterwards.
+    before = torch.get_num_threads()
+    try:
+        for count, out in ((3, "three"), (1, "one")):
+            torch.set_num_threads(count)
+            apply_files(fp32_base, fp32_adapter, fp32_manifest, tmp_path / out)
+            assert torch.get_num_threads() == count
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_apply_to_state_dict_changes_tensors_in_place(
     fp32_base: Path, fp32_adapter: Path, fp32_manifest: Manifest
 ) -> None:
