@@ -100,6 +100,9 @@ class RenderedVersions:
             maxsize=max(max_bytes, 1), getsizeof=lambda entry: len(entry[1])
         )
 
+    def is_empty(self) -> bool:
+        return len(self._entries) == 0
+
     def get(self, state: VersionState) -> bytes | None:
         entry = self._entries.get(state.version_id)
         return entry[1] if entry is not None and entry[0] == state else None
@@ -119,9 +122,7 @@ class VersionReads:
 
     async def resolve_json(self, ref: Reference, *, allow_yanked: bool) -> bytes:
         """The JSON of ``VersionService.resolve(ref)``, byte for byte; raises what that raises."""
-        state = await run_in_threadpool(self._locate, ref)
-        if state is not None and state.yanked and not allow_yanked:
-            state = None  # the full path raises VersionYanked with the reason
+        state = await self._servable_state(ref, allow_yanked=allow_yanked)
         if state is not None and (body := self.rendered.get(state)) is not None:
             return body
         # Not found, not cached or changed since: the full path renders it or raises the precise error.
@@ -134,12 +135,22 @@ class VersionReads:
     async def cached_json(self, ref: Reference) -> bytes | None:
         """What ``resolve_json(ref, allow_yanked=False)`` answers, if that is in memory and current.
 
-        None when it is not: the version is not found, yanked, not rendered yet or changed since.
+        None when it is not: the version is not found, yanked, not rendered yet or changed since. With
+        nothing cached (or the cache off) that is known without a query, so the caller's fallback to
+        ``resolve_json`` does not locate the version twice.
         """
-        state = await run_in_threadpool(self._locate, ref)
-        if state is None or state.yanked:
+        if self.rendered.is_empty():
             return None
-        return self.rendered.get(state)
+        state = await self._servable_state(ref, allow_yanked=False)
+        return None if state is None else self.rendered.get(state)
+
+    async def _servable_state(self, ref: Reference, *, allow_yanked: bool) -> VersionState | None:
+        """The state of the version ``ref`` names, or None if it is not found or is yanked and
+        ``allow_yanked`` is off (the full path then raises the precise error)."""
+        state = await run_in_threadpool(self._locate, ref)
+        if state is None or (state.yanked and not allow_yanked):
+            return None
+        return state
 
     def _locate(self, ref: Reference) -> VersionState | None:
         return self.database.single_read(lambda connection: VersionLocator(connection).locate(ref))

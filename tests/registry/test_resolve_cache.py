@@ -92,6 +92,17 @@ def test_the_cached_body_is_what_an_uncached_server_renders(registry, make_regis
     assert cached.content == rendered.content
 
 
+def test_with_the_cache_off_a_resolve_locates_the_version_once(registry, make_registry, two_versions):
+    # The fast path (registry/versions/fast_path.py) has nothing to serve, so it must not query before
+    # handing the request to the route, which locates the version itself.
+    with make_registry(version_cache_bytes=0) as uncached:
+        resolve(uncached, f"{REPO}@production")  # the token is known to this app from now on
+        with selects_counted(uncached) as selects:
+            assert resolve(uncached, f"{REPO}@production").json()["number"] == 1
+    locating = [s for s in selects if s.lstrip().startswith("SELECT versions.id, versions.digest")]
+    assert len(locating) == 1, selects
+
+
 def test_a_new_eval_shows_in_the_next_resolve(registry, two_versions):
     assert resolve(registry, f"{REPO}@production").json()["evals"] == []
     path = f"/api/v1/repos/{REPO}/versions/1/evals"
