@@ -1,7 +1,9 @@
 """The resolve read path, the registry's hottest request (every production pull starts with it).
 
-One query finds what a reference names *now* (the alias is read on every request, so a promotion or a
-rollback on any replica is seen by the next resolve) together with the version's mutable state. The
+One query finds what a reference names *now* (the alias is read for every request, so a promotion or a
+rollback on any replica is seen by the next resolve) together with the version's mutable state.
+Concurrent resolves of one reference share that query, never one that began before they arrived
+(registry/coalesce.py). The
 version's JSON is rendered by the full service path once, kept in this process, and served from memory
 while that state is unchanged.
 
@@ -21,6 +23,7 @@ from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 
 from deltareg.client.refs import Reference
+from deltareg.registry.coalesce import Coalescer
 from deltareg.registry.db import Database
 from deltareg.registry.models import Alias, Eval, Repo, Version
 from deltareg.registry.storage import BlobStore
@@ -119,6 +122,8 @@ class VersionReads:
         self.database = database
         self.store = store
         self.rendered = rendered
+        # Concurrent resolves of one reference (a fleet pulling repo@production) share their query.
+        self._locates: Coalescer[Reference, VersionState | None] = Coalescer(self._locate_in_thread)
 
     async def resolve_json(self, ref: Reference, *, allow_yanked: bool) -> bytes:
         """The JSON of ``VersionService.resolve(ref)``, byte for byte; raises what that raises."""
@@ -147,10 +152,13 @@ class VersionReads:
     async def _servable_state(self, ref: Reference, *, allow_yanked: bool) -> VersionState | None:
         """The state of the version ``ref`` names, or None if it is not found or is yanked and
         ``allow_yanked`` is off (the full path then raises the precise error)."""
-        state = await run_in_threadpool(self._locate, ref)
+        state = await self._locates(ref)
         if state is None or (state.yanked and not allow_yanked):
             return None
         return state
+
+    async def _locate_in_thread(self, ref: Reference) -> VersionState | None:
+        return await run_in_threadpool(self._locate, ref)
 
     def _locate(self, ref: Reference) -> VersionState | None:
         return self.database.single_read(lambda connection: VersionLocator(connection).locate(ref))

@@ -1,11 +1,13 @@
 """GET /resolve serves a version's rendered JSON from memory while it is unchanged, and never a stale one.
 
-See deltareg.registry.versions.reads: one query per request reads what the reference names now and the
-version's mutable state (yank, number of evals); the body is rendered again whenever that state moved.
+See deltareg.registry.versions.reads: one query per request (concurrent requests share it) reads what the
+reference names now and the version's mutable state (yank, number of evals); the body is rendered again
+whenever that state moved.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
+from deltareg.client.refs import Reference
 from deltareg.registry.evals.schemas import EvalOut
 from deltareg.registry.versions.reads import RenderedVersions, VersionState
 from deltareg.registry.versions.schemas import VersionOut, YankOut
@@ -101,6 +104,22 @@ def test_with_the_cache_off_a_resolve_locates_the_version_once(registry, make_re
             assert resolve(uncached, f"{REPO}@production").json()["number"] == 1
     locating = [s for s in selects if s.lstrip().startswith("SELECT versions.id, versions.digest")]
     assert len(locating) == 1, selects
+
+
+def test_concurrent_resolves_of_one_reference_share_one_query(registry, two_versions):
+    # A fleet pulling repo@production at once: the requests that arrive together share the locating
+    # query (registry/coalesce.py), and each still gets the current body.
+    first = resolve(registry, f"{REPO}@production")
+    reads = registry.client.app.state.version_reads
+    ref = Reference.parse(f"{REPO}@production")
+
+    async def sixteen_at_once() -> list[bytes | None]:
+        return await asyncio.gather(*(reads.cached_json(ref) for _ in range(16)))
+
+    with selects_counted(registry) as selects:
+        bodies = asyncio.run(sixteen_at_once())
+    assert bodies == [first.content] * 16
+    assert len(selects) == 1, selects
 
 
 def test_a_new_eval_shows_in_the_next_resolve(registry, two_versions):
