@@ -48,10 +48,10 @@ class ResolveFastPath:
 
     async def _cached_answer(self, scope: Scope) -> bytes | None:
         """The route's 200 body for this request if it is in memory and current, else None."""
-        ref = _plain_ref(scope)
+        request = Request(scope)
+        ref = _plain_ref(request.query_params)  # parsed once: refusal_of reads it again
         if ref is None:
             return None
-        request = Request(scope)
         try:
             principal = known_principal(request)
             if principal is None or refusal_of(principal, _RULE, request, RESOLVE_PATH) is not None:
@@ -72,12 +72,12 @@ class ResolveFastPath:
         await send({"type": "http.response.body", "body": body})
 
 
-def _plain_ref(scope: Scope) -> str | None:
+def _plain_ref(query: QueryParams) -> str | None:
     """The ``ref`` of a query that holds nothing else (and no NUL, within the route's length limit).
 
     Any other query (``allow_yanked``, a repeated or unknown parameter) is the route's to interpret.
     """
-    items = QueryParams(scope["query_string"]).multi_items()
+    items = query.multi_items()
     if len(items) != 1 or items[0][0] != "ref":
         return None
     ref = items[0][1]
