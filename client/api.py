@@ -46,7 +46,14 @@ from deltareg.client.signing import (
     resolve_trusted_keys,
     trusted_signer,
 )
-from deltareg.client.transfer import BlobDownload, Transfers, TransferSettings, UploadPlan, file_digest
+from deltareg.client.transfer import (
+    BlobDownload,
+    PartChecksums,
+    Transfers,
+    TransferSettings,
+    UploadPlan,
+    describe_blob,
+)
 from deltareg.client.weights import validate_safetensors_file
 
 if TYPE_CHECKING:
@@ -119,6 +126,14 @@ class VersionInfo:
             "pushed_by": self.pushed_by,
             "yanked": self.yanked,
         }
+
+
+@dataclass(frozen=True)
+class _DescribedFile:
+    """A file of a delta being pushed: its manifest entry, and its part checksums for the upload plan."""
+
+    entry: FileEntry
+    parts: PartChecksums
 
 
 @dataclass(frozen=True)
@@ -316,14 +331,14 @@ class Registry:
         recorded = training_metadata(
             metadata, datasets=datasets, code_commit=code_commit, hyperparameters=hyperparameters
         )
-        folder, kind, files, params, base_ref = self._read_delta(delta, base, base_name, base_revision)
+        folder, kind, described, params, base_ref = self._read_delta(delta, base, base_name, base_revision)
         if kind == "full" and parent:
             raise InvalidInput(
                 "a dense delta is the whole difference from its base model: push it without a parent"
             )
         manifest = Manifest(
             kind=kind,
-            files=files,
+            files=[blob.entry for blob in described],
             base=base_ref,
             params=params,
             parent=self.resolve(parent).digest if parent else None,
@@ -331,13 +346,13 @@ class Registry:
         )
         path = f"/api/v1/repos/{repo_name.namespace}/{repo_name.name}/versions"
         payload = {"manifest": manifest.to_json_obj(), "evals": _eval_list(evals)}
-        uploaded, uploaded_bytes = self._upload_missing(folder, files)
+        uploaded, uploaded_bytes = self._upload_missing(folder, described)
         try:
             body = request_json(self._http, "POST", path, json=payload)
         except MissingBlob:
             # Garbage collection removed a blob between the upload plan and the commit (the server
             # refuses such a commit): upload what is missing again and commit once more.
-            again, again_bytes = self._upload_missing(folder, files)
+            again, again_bytes = self._upload_missing(folder, described)
             uploaded, uploaded_bytes = uploaded + again, uploaded_bytes + again_bytes
             body = request_json(self._http, "POST", path, json=payload)
         info = VersionInfo.from_json(body)
@@ -353,7 +368,7 @@ class Registry:
         base: str | os.PathLike[str],
         name: str | None,
         revision: str | None,
-    ) -> tuple[Path, Literal["lora", "full"], list[FileEntry], dict[str, Any], BaseModelRef]:
+    ) -> tuple[Path, Literal["lora", "full"], list[_DescribedFile], dict[str, Any], BaseModelRef]:
         """The delta folder's kind, files (described), params and base reference, all checked."""
         if is_dense_folder(delta):
             dense = read_dense_delta(delta)
@@ -414,20 +429,24 @@ class Registry:
             config=read_base_config(text),
         )
 
-    @staticmethod
-    def _describe_files(folder: Path, paths: list[str]) -> list[FileEntry]:
-        entries = []
+    def _describe_files(self, folder: Path, paths: list[str]) -> list[_DescribedFile]:
+        described = []
         for rel in sorted(paths):
             path = folder / rel
             if rel.endswith(".safetensors"):
                 validate_safetensors_file(path)
-            entries.append(FileEntry(path=rel, digest=file_digest(path), size=path.stat().st_size))
-        return entries
+            digest, parts = describe_blob(path, self.transfers.settings.part_bytes)
+            entry = FileEntry(path=rel, digest=digest, size=path.stat().st_size)
+            described.append(_DescribedFile(entry, parts))
+        return described
 
-    def _upload_missing(self, folder: Path, files: list[FileEntry]) -> tuple[int, int]:
-        wanted = [{"digest": f.digest, "size": f.size} for f in files]
+    def _upload_missing(self, folder: Path, described: list[_DescribedFile]) -> tuple[int, int]:
+        wanted = [
+            {"digest": blob.entry.digest, "size": blob.entry.size, "parts": blob.parts.to_json_obj()}
+            for blob in described
+        ]
         answer = request_json(self._http, "POST", "/api/v1/blobs/uploads", json={"blobs": wanted})
-        by_digest = {f.digest: f for f in files}
+        by_digest = {blob.entry.digest: blob.entry for blob in described}
         count = total = 0
         for blob in answer["blobs"]:
             plan = UploadPlan.from_json(blob)

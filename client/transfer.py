@@ -14,14 +14,17 @@ mismatch deletes the partial file and raises DigestMismatch.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
+import math
 import os
 import re
 import socket
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,6 +55,7 @@ from deltareg.client.progress import SilentProgress, TransferProgress
 MIB = 1 << 20
 CHUNK_BYTES = MIB
 MAX_DIGESTS_PER_REQUEST = 256
+MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 T = TypeVar("T")
 
 
@@ -62,11 +66,61 @@ def file_digest(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class PartChecksums:
+    """The file cut into ``part_size`` parts (the last one shorter), and each part's CRC32.
+
+    Sent with the upload plan request: an S3 store then signs each part's checksum into its presigned
+    URL, checks every part's bytes against it as they arrive and keeps the object's checksum, as boto3's
+    ``upload_file`` does by default. CRC32 values are base64 of the 4 big-endian bytes, as S3 writes them.
+    """
+
+    part_size: int
+    crc32: tuple[str, ...]
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {"part_size": self.part_size, "crc32": list(self.crc32)}
+
+
+def part_size_for(size: int, preferred: int) -> int:
+    """``preferred``, or larger (whole MiB) when ``size`` bytes would need more than MAX_PARTS parts."""
+    needed = math.ceil(size / MAX_PARTS)
+    return preferred if needed <= preferred else math.ceil(needed / MIB) * MIB
+
+
+def part_checksums(path: Path, part_size: int) -> PartChecksums:
+    """The CRC32 of each ``part_size`` part of the file (one part for an empty file)."""
+    values = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        for start in range(0, max(size, 1), part_size):
+            crc = 0
+            for chunk in _pread_chunks(fd, start, min(start + part_size, size)):
+                crc = zlib.crc32(chunk, crc)
+            values.append(base64.b64encode(crc.to_bytes(4, "big")).decode())
+    finally:
+        os.close(fd)
+    return PartChecksums(part_size, tuple(values))
+
+
+def describe_blob(path: Path, preferred_part_size: int) -> tuple[str, PartChecksums]:
+    """The file's digest and its part checksums, both computed at once: the two passes over the file
+    run side by side (hashlib and zlib let go of the GIL), so the checksums cost no wall time on a
+    machine with a core to spare."""
+    size = path.stat().st_size
+    with ThreadPoolExecutor(1, thread_name_prefix="deltareg-crc32") as pool:
+        checksums = pool.submit(part_checksums, path, part_size_for(size, preferred_part_size))
+        digest = file_digest(path)
+        return digest, checksums.result()
+
+
+@dataclass(frozen=True)
 class TransferSettings:
     """Tunables of blob transfers.
 
     Args:
         upload_workers: parts of a multipart upload sent at once.
+        part_bytes: size of each part of a multipart upload (the registry's store may ask for others).
         download_workers: ranges of a large blob fetched at once.
         parallel_download_bytes: blobs at least this large download as parallel ranges.
         range_bytes: size of each range of a parallel download.
@@ -75,6 +129,7 @@ class TransferSettings:
     """
 
     upload_workers: int = 6
+    part_bytes: int = 16 * MIB
     download_workers: int = 4
     parallel_download_bytes: int = 64 * MIB
     range_bytes: int = 16 * MIB
@@ -82,7 +137,14 @@ class TransferSettings:
     backoff_seconds: float = 0.5
 
     def __post_init__(self) -> None:
-        counts = ("upload_workers", "download_workers", "parallel_download_bytes", "range_bytes", "attempts")
+        counts = (
+            "upload_workers",
+            "part_bytes",
+            "download_workers",
+            "parallel_download_bytes",
+            "range_bytes",
+            "attempts",
+        )
         for name in counts:
             if getattr(self, name) < 1:
                 raise InvalidInput(f"transfer setting {name} must be at least 1, not {getattr(self, name)}")
@@ -95,18 +157,22 @@ class TransferSettings:
 
 @dataclass(frozen=True)
 class UploadPart:
-    """One part of a multipart upload: the bytes ``[offset, offset + size)`` of the file go to ``url``."""
+    """One part of a multipart upload: the bytes ``[offset, offset + size)`` of the file go to ``url``,
+    with ``headers``; ``checksum_crc32`` (when the store checks one) is reported back at completion."""
 
     number: int
     url: str
     offset: int
     size: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    checksum_crc32: str | None = None
 
 
 @dataclass(frozen=True)
 class CompletedPart:
     number: int
     etag: str
+    checksum_crc32: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,13 +215,23 @@ class UploadPlan:
             headers = {str(k): str(v) for k, v in (upload.get("headers") or {}).items()}
             return cls(digest, size, False, "put", str(upload["url"]), headers)
         if upload["kind"] == "multipart":
-            parts = tuple(
-                UploadPart(int(p["number"]), str(p["url"]), int(p["offset"]), int(p["size"]))
-                for p in upload["parts"]
-            )
+            parts = tuple(_parse_part(p) for p in upload["parts"])
             _check_parts_cover(parts, size)
             return cls(digest, size, False, "multipart", upload_id=str(upload["upload_id"]), parts=parts)
         raise ValueError(f"unknown upload kind {upload['kind']!r}")
+
+
+def _parse_part(data: Mapping[str, Any]) -> UploadPart:
+    headers = {str(k): str(v) for k, v in (data.get("headers") or {}).items()}
+    checksum = data.get("checksum_crc32")
+    return UploadPart(
+        int(data["number"]),
+        str(data["url"]),
+        int(data["offset"]),
+        int(data["size"]),
+        headers,
+        None if checksum is None else str(checksum),
+    )
 
 
 def _check_parts_cover(parts: Sequence[UploadPart], size: int) -> None:
@@ -388,6 +464,13 @@ class _Partial:
 # -- the transfers -----------------------------------------------------------------------------
 
 
+def _completed_json(part: CompletedPart) -> dict[str, Any]:
+    listed: dict[str, Any] = {"number": part.number, "etag": part.etag}
+    if part.checksum_crc32 is not None:
+        listed["checksum_crc32"] = part.checksum_crc32
+    return listed
+
+
 class _FileSlice:
     """Bytes ``[offset, offset + size)`` of an open file, read as the request body is sent.
 
@@ -589,7 +672,7 @@ class Transfers:
     ) -> CompletedPart:
         what = f"part {part.number} of {label}"
         client, _ = self._client_for(part.url)
-        headers = {"Content-Length": str(part.size)}
+        headers = {**part.headers, "Content-Length": str(part.size)}
 
         def attempt() -> httpx.Response:
             if stop.is_set():
@@ -601,11 +684,12 @@ class Transfers:
         etag = response.headers.get("etag")
         if not etag:
             raise DeltaregError(f"{what}: the object store accepted it but sent no ETag header")
-        return CompletedPart(part.number, etag)
+        return CompletedPart(part.number, etag, part.checksum_crc32)
 
     def complete(self, plan: UploadPlan, parts: Sequence[CompletedPart]) -> None:
         """``POST /api/v1/blobs/{digest}/complete``: the registry verifies the upload and records the blob."""
-        body = {"upload_id": plan.upload_id, "parts": [{"number": p.number, "etag": p.etag} for p in parts]}
+        listed = [_completed_json(p) for p in parts]
+        body = {"upload_id": plan.upload_id, "parts": listed}
         answer = request_json(self.registry, "POST", f"/api/v1/blobs/{plan.digest}/complete", json=body)
         if answer.get("digest") != plan.digest or answer.get("size") != plan.size:
             raise DeltaregError(

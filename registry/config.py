@@ -66,10 +66,15 @@ class Settings(BaseSettings):
     # single-PUT upload back. Only for stores that verify x-amz-checksum-sha256 on upload (AWS S3,
     # MinIO): a store that records a client's checksum without checking it would accept wrong bytes.
     s3_trust_checksums: bool = False
+    # Multipart uploads carry a CRC32 per part, signed into each part's presigned URL: the store checks
+    # every part as it arrives (as boto3's upload_file does by default). Off for stores that do not
+    # support S3's additional checksums; uploads then use DELTAREG_MULTIPART_PART_SIZE without them.
+    s3_part_checksums: bool = True
     # How long presigned upload and download URLs stay valid.
     presign_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
     # Blobs of at least this size upload in parts (S3 multipart) instead of one PUT.
     multipart_threshold: int = Field(default=64 * MIB, ge=1, le=S3_MAX_PART_BYTES)
+    # Part size of multipart uploads whose client proposes no part layout with checksums.
     multipart_part_size: int = Field(default=16 * MIB, ge=S3_MIN_PART_BYTES, le=S3_MAX_PART_BYTES)
 
     @model_validator(mode="after")

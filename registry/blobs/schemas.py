@@ -11,11 +11,29 @@ MAX_PARTS = 10_000
 DigestStr = Annotated[str, Field(pattern=f"^{DIGEST.pattern}$", description="sha256:<64 hex>")]
 
 
+# A CRC32 as S3 writes it: base64 of its 4 big-endian bytes.
+Crc32Str = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{6}==$", description="base64 CRC32")]
+
+
+class PartChecksumsIn(BaseModel):
+    """The blob cut into ``part_size`` parts (the last one shorter) and each part's CRC32.
+
+    A store that checks part checksums (S3) then uses this layout, signs each part's checksum into its
+    URL and checks the bytes against it; other stores ignore it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    part_size: int = Field(ge=1)
+    crc32: list[Crc32Str] = Field(min_length=1, max_length=MAX_PARTS)
+
+
 class BlobRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     digest: DigestStr
     size: int = Field(ge=0)
+    parts: PartChecksumsIn | None = None
 
 
 class UploadRequest(BaseModel):
@@ -37,6 +55,9 @@ class PartTarget(BaseModel):
     url: str
     offset: int
     size: int
+    # Send these with the part; report checksum_crc32 (when set) with its ETag at completion.
+    headers: dict[str, str] = Field(default_factory=dict)
+    checksum_crc32: str | None = None
 
 
 class MultipartInstructions(BaseModel):
@@ -66,6 +87,7 @@ class CompletedPartIn(BaseModel):
 
     number: int = Field(ge=1, le=MAX_PARTS)
     etag: str = Field(min_length=1, max_length=256)
+    checksum_crc32: Crc32Str | None = None
 
 
 class CompleteRequest(BaseModel):

@@ -27,6 +27,7 @@ from deltareg.registry.storage import (
     CompletedPart,
     LocalFile,
     MultipartUpload,
+    PartChecksums,
     PutUpload,
     RemoteURL,
 )
@@ -73,10 +74,19 @@ class BlobService:
         if present:
             return UploadTarget(digest=ref.digest, size=ref.size, present=True, upload_url=None, upload=None)
         self._check_size(ref)
-        planned = self.store.plan_upload(ref.digest, ref.size)
+        proposed = None if ref.parts is None else PartChecksums(ref.parts.part_size, tuple(ref.parts.crc32))
+        planned = self.store.plan_upload(ref.digest, ref.size, proposed)
         if isinstance(planned, MultipartUpload):
             parts = [
-                PartTarget(number=p.number, url=p.url, offset=p.offset, size=p.size) for p in planned.parts
+                PartTarget(
+                    number=p.number,
+                    url=p.url,
+                    offset=p.offset,
+                    size=p.size,
+                    headers=dict(p.headers),
+                    checksum_crc32=p.checksum_crc32,
+                )
+                for p in planned.parts
             ]
             multipart = MultipartInstructions(
                 upload_id=planned.upload_id, part_size=planned.part_size, parts=parts
@@ -120,7 +130,7 @@ class BlobService:
             existing = self.store.verify_published(digest, max_bytes=self.max_blob_bytes)
             created = self.blobs.ensure(digest, existing)
             return BlobStored(digest=digest, size=existing, created=created)
-        parts = [CompletedPart(p.number, p.etag) for p in request.parts]
+        parts = [CompletedPart(p.number, p.etag, p.checksum_crc32) for p in request.parts]
         size = self.store.complete_upload(digest, request.upload_id, parts, max_bytes=self.max_blob_bytes)
         self.blobs.ensure(digest, size)
         return BlobStored(digest=digest, size=size, created=True)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 # The parts of a multipart upload are wire types the client owns (the server depends on the client).
 from deltareg.client.transfer import CompletedPart as CompletedPart
+from deltareg.client.transfer import PartChecksums as PartChecksums
 from deltareg.client.transfer import UploadPart as UploadPart
 
 
@@ -92,9 +93,13 @@ class BlobStore(Protocol):
         """
         ...
 
-    def plan_upload(self, digest: str, size: int) -> UploadInstructions | None:
+    def plan_upload(
+        self, digest: str, size: int, proposed: PartChecksums | None = None
+    ) -> UploadInstructions | None:
         """How a client uploads ``size`` bytes of ``digest`` directly to the store, or None when it
-        uploads through the registry API (``receive``)."""
+        uploads through the registry API (``receive``). ``proposed`` is the client's part layout with
+        each part's CRC32: a store that checks part checksums uses it (or refuses it with InvalidInput),
+        others ignore it."""
         ...
 
     def complete_upload(

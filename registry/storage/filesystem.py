@@ -15,6 +15,7 @@ from deltareg.registry.storage.base import (
     BlobLocation,
     CompletedPart,
     LocalFile,
+    PartChecksums,
     StoredBlob,
     UploadInstructions,
 )
@@ -55,7 +56,9 @@ class FilesystemBlobStore:
             # Removed since the caller checked (garbage collection): the client uploads it again.
             raise MissingBlob(f"blob {digest} is no longer in the store; upload it again") from None
 
-    def plan_upload(self, digest: str, size: int) -> UploadInstructions | None:
+    def plan_upload(
+        self, digest: str, size: int, proposed: PartChecksums | None = None
+    ) -> UploadInstructions | None:
         return None  # through the registry API, which hashes while it writes
 
     def receive(self, digest: str, chunks: Iterable[bytes]) -> int:

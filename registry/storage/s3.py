@@ -29,7 +29,7 @@ import re
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,11 +56,13 @@ from deltareg.client.errors import (
     ServiceUnavailable,
 )
 from deltareg.client.refs import DIGEST
-from deltareg.registry.config import GIB, MIB, S3_MAX_PART_BYTES, Settings
+from deltareg.client.transfer import MAX_PARTS, part_size_for
+from deltareg.registry.config import GIB, MIB, S3_MAX_PART_BYTES, S3_MIN_PART_BYTES, Settings
 from deltareg.registry.storage.base import (
     BlobLocation,
     CompletedPart,
     MultipartUpload,
+    PartChecksums,
     PutUpload,
     RemoteURL,
     StoredBlob,
@@ -70,7 +72,6 @@ from deltareg.registry.storage.base import (
 
 logger = logging.getLogger("deltareg.registry.storage")
 
-MAX_PARTS = 10_000
 # Reading an object back to hash it: chunks read ahead of the hasher (a thread) at most.
 READ_CHUNK_BYTES = MIB
 HASH_QUEUE_CHUNKS = 8
@@ -187,6 +188,7 @@ class S3BlobStore:
         multipart_threshold: int = 64 * MIB,
         part_size: int = 16 * MIB,
         trust_checksums: bool = False,
+        part_checksums: bool = True,
         max_single_copy_bytes: int = MAX_SINGLE_COPY_BYTES,
         copy_part_bytes: int = COPY_PART_BYTES,
         stream_part_bytes: int = STREAM_PART_BYTES,
@@ -200,6 +202,7 @@ class S3BlobStore:
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.trust_checksums = trust_checksums
+        self.part_checksums = part_checksums
         self.max_single_copy_bytes = max_single_copy_bytes
         self.copy_part_bytes = copy_part_bytes
         self.stream_part_bytes = stream_part_bytes
@@ -222,6 +225,7 @@ class S3BlobStore:
             multipart_threshold=settings.multipart_threshold,
             part_size=settings.multipart_part_size,
             trust_checksums=settings.s3_trust_checksums,
+            part_checksums=settings.s3_part_checksums,
         )
 
     # ---- keys
@@ -305,10 +309,15 @@ class S3BlobStore:
 
     # ---- direct uploads
 
-    def plan_upload(self, digest: str, size: int) -> UploadInstructions:
+    def plan_upload(
+        self, digest: str, size: int, proposed: PartChecksums | None = None
+    ) -> UploadInstructions:
         if size < self.multipart_threshold:
             return self._plan_put(digest, size)
-        return self._plan_multipart(digest, size)
+        if proposed is not None and self.part_checksums:
+            _check_layout(digest, size, proposed)
+            return self._plan_multipart(digest, size, proposed.part_size, proposed.crc32)
+        return self._plan_multipart(digest, size, _part_size(size, self.part_size), None)
 
     def _plan_put(self, digest: str, size: int) -> PutUpload:
         checksum = _base64_sha256(digest)
@@ -327,20 +336,28 @@ class S3BlobStore:
         }
         return PutUpload(url, headers)
 
-    def _plan_multipart(self, digest: str, size: int) -> MultipartUpload:
+    def _plan_multipart(
+        self, digest: str, size: int, part_size: int, crc32: Sequence[str] | None
+    ) -> MultipartUpload:
         # A multipart upload goes straight to the blob's own key: its completion is conditional
         # (If-None-Match), so it can never replace an object already there, and publishing needs no copy
         # from staging -- a whole extra pass over the data. The object is a blob only once it is recorded,
         # after complete_upload has read it back and hashed it.
-        part_size = _part_size(size, self.part_size)
         key = self.blob_key(digest)
+        checked = {"ChecksumAlgorithm": "CRC32"} if crc32 is not None else {}
         created = self._call(
-            "create_multipart_upload", Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+            "create_multipart_upload",
+            Bucket=self.bucket,
+            Key=key,
+            ContentType="application/octet-stream",
+            **checked,
         )
         s3_upload_id: str = created["UploadId"]
         parts = []
         for index, offset in enumerate(range(0, size, part_size)):
             length = min(part_size, size - offset)
+            # A part's checksum is signed into its URL: S3 refuses unsigned x-amz-* headers there.
+            checksum = {"ChecksumCRC32": crc32[index]} if crc32 is not None else {}
             url = self._presign(
                 "upload_part",
                 Bucket=self.bucket,
@@ -348,8 +365,13 @@ class S3BlobStore:
                 UploadId=s3_upload_id,
                 PartNumber=index + 1,
                 ContentLength=length,
+                **checksum,
             )
-            parts.append(UploadPart(index + 1, url, offset, length))
+            if crc32 is None:
+                parts.append(UploadPart(index + 1, url, offset, length))
+                continue
+            headers = {"x-amz-checksum-crc32": crc32[index]}
+            parts.append(UploadPart(index + 1, url, offset, length, headers, crc32[index]))
         return MultipartUpload(f"{uuid.uuid4().hex}.{s3_upload_id}", part_size, parts)
 
     def complete_upload(
@@ -417,7 +439,7 @@ class S3BlobStore:
         numbers = [part.number for part in parts]
         if sorted(numbers) != list(range(1, len(parts) + 1)):
             raise InvalidInput("parts must be numbered 1..N, each once")
-        listing = [{"PartNumber": p.number, "ETag": p.etag} for p in sorted(parts, key=lambda p: p.number)]
+        listing = [_listed(part) for part in sorted(parts, key=lambda p: p.number)]
         try:
             self._call(
                 "complete_multipart_upload",
@@ -825,13 +847,35 @@ def _base64_sha256(digest: str) -> str:
 
 def _part_size(size: int, preferred: int) -> int:
     """``preferred``, or larger (whole MiB) when the blob would need more than 10000 parts."""
-    needed = math.ceil(size / MAX_PARTS)
-    if needed <= preferred:
-        return preferred
-    part = math.ceil(needed / MIB) * MIB
+    part = part_size_for(size, preferred)
     if part > S3_MAX_PART_BYTES:
         raise PayloadTooLarge(f"a blob of {size} bytes is over what S3 can hold in one object")
     return part
+
+
+def _check_layout(digest: str, size: int, proposed: PartChecksums) -> None:
+    """A client's part layout must be one S3 accepts and give exactly one checksum per part."""
+    count = max(1, math.ceil(size / proposed.part_size))
+    if len(proposed.crc32) != count:
+        raise InvalidInput(
+            f"blob {digest}: {size} bytes in parts of {proposed.part_size} bytes are {count} parts, "
+            f"but {len(proposed.crc32)} part checksums were sent"
+        )
+    if count > MAX_PARTS:
+        raise InvalidInput(f"blob {digest}: {count} parts, over S3's limit of {MAX_PARTS}; use larger parts")
+    if proposed.part_size > S3_MAX_PART_BYTES or (count > 1 and proposed.part_size < S3_MIN_PART_BYTES):
+        raise InvalidInput(
+            f"blob {digest}: parts of {proposed.part_size} bytes; S3 needs {S3_MIN_PART_BYTES} to "
+            f"{S3_MAX_PART_BYTES} bytes (only a single part may be smaller)"
+        )
+
+
+def _listed(part: CompletedPart) -> dict[str, Any]:
+    """A part as CompleteMultipartUpload lists it (with its checksum when the upload checks them)."""
+    listed: dict[str, Any] = {"PartNumber": part.number, "ETag": part.etag}
+    if part.checksum_crc32 is not None:
+        listed["ChecksumCRC32"] = part.checksum_crc32
+    return listed
 
 
 def _split_upload_id(upload_id: str) -> tuple[str, str]:

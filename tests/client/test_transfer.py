@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +47,17 @@ from deltareg.client.errors import (
 )
 from deltareg.client.manifest import BaseModelRef, FileEntry, Manifest
 from deltareg.client.progress import RichProgress, SilentProgress, resolve_progress
-from deltareg.client.transfer import BlobDownload, Transfers, TransferSettings, UploadPlan
+from deltareg.client.transfer import (
+    MAX_PARTS,
+    BlobDownload,
+    Transfers,
+    TransferSettings,
+    UploadPlan,
+    describe_blob,
+    file_digest,
+    part_checksums,
+    part_size_for,
+)
 
 KIB, MIB = 1 << 10, 1 << 20
 BASE_FINGERPRINT = "tmv1:" + "ab" * 32
@@ -698,3 +709,67 @@ def test_multipart_push_and_presigned_pull_through_a_registry_on_s3(s3_registry_
     assert (pulled.path / "adapter_model.safetensors").read_bytes() == weights.read_bytes()
     verify_folder(pulled.path)
     assert leftovers(tmp_path / "c2" / "partials") == []
+
+
+# ---------------------------------------------------------------- part checksums
+
+
+def crc32_b64(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+@pytest.mark.parametrize("size", [0, 1, 3 * MIB, 3 * MIB + 1, 7 * MIB + 12345])
+def test_part_checksums_are_each_parts_crc32_the_last_part_shorter(tmp_path, size):
+    data = random.Random(size).randbytes(size)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    checksums = part_checksums(path, 3 * MIB)
+    expected = [crc32_b64(data[i : i + 3 * MIB]) for i in range(0, max(size, 1), 3 * MIB)]
+    assert checksums.part_size == 3 * MIB
+    assert list(checksums.crc32) == expected
+
+
+def test_describe_blob_gives_the_digest_and_the_part_checksums_of_the_same_bytes(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(random.Random(7).randbytes(5 * MIB + 3))
+    digest, checksums = describe_blob(path, 2 * MIB)
+    assert digest == file_digest(path)
+    assert checksums == part_checksums(path, 2 * MIB)
+
+
+def test_the_proposed_part_size_grows_so_that_no_upload_needs_more_than_10000_parts():
+    assert part_size_for(10 * MIB, 16 * MIB) == 16 * MIB
+    huge = MAX_PARTS * 16 * MIB + 1
+    grown = part_size_for(huge, 16 * MIB)
+    assert grown % MIB == 0 and grown > 16 * MIB
+    assert -(-huge // grown) <= MAX_PARTS
+
+
+def test_a_multipart_push_to_s3_sends_every_part_with_its_signed_crc32(s3_registry_url, moto_s3, tmp_path):
+    # 11.2 MB in parts of 5 MiB: three parts, each sent with the CRC32 the client computed while hashing
+    # the file (the store checks each part against it), and the object keeps S3's checksum of them.
+    adapter = write_adapter(tmp_path / "adapter", seed=3, in_features=1_400_000)
+    weights = adapter / "adapter_model.safetensors"
+    settings = TransferSettings(upload_workers=3, part_bytes=5 * MIB, attempts=2, backoff_seconds=0.01)
+    with Registry(
+        s3_registry_url, TOKEN, cache_dir=tmp_path / "c", progress=False, transfer_settings=settings
+    ) as reg:
+        digest, checksums = describe_blob(weights, settings.part_bytes)
+        wanted = {"digest": digest, "size": weights.stat().st_size, "parts": checksums.to_json_obj()}
+        answer = request_json(reg._http, "POST", "/api/v1/blobs/uploads", json={"blobs": [wanted]})
+        plan = UploadPlan.from_json(answer["blobs"][0])
+        assert [part.checksum_crc32 for part in plan.parts] == list(checksums.crc32)
+        assert len(plan.parts) == 3
+        for part in plan.parts:
+            assert part.headers == {"x-amz-checksum-crc32": part.checksum_crc32}
+            signed = httpx.URL(part.url).params["X-Amz-SignedHeaders"].split(";")
+            assert "x-amz-checksum-crc32" in signed  # S3 refuses x-amz-* headers left unsigned
+
+        pushed = reg.push(adapter, "acme/crc32", base=BASE_FINGERPRINT)
+        located = reg.transfers.locate([digest])  # a presigned URL: /<bucket>/<key of the blob>
+    assert any(f.digest == digest for f in pushed.version.manifest.files)
+    bucket, key = httpx.URL(located[digest].url).path.lstrip("/").split("/", 1)
+    head = moto_s3.client().head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    # S3's composite checksum: the CRC32 of the parts' CRC32s, so made of exactly the ones we sent.
+    composite = crc32_b64(b"".join(base64.b64decode(value) for value in checksums.crc32))
+    assert head["ChecksumCRC32"].split("-")[0] == composite

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from _support.auth import TEST_TOKEN, act_as, bearer
+from _support.checksums import part_crc32s
 from fastapi.testclient import TestClient
 from safetensors.numpy import save as save_safetensors
 from sqlalchemy import text
@@ -213,13 +214,22 @@ class RegistryHelper:
             headers={"content-type": "application/octet-stream"},
         )
 
-    def plan(self, blobs: dict[str, bytes] | list[bytes]) -> list[dict[str, Any]]:
-        values = list(blobs.values()) if isinstance(blobs, dict) else blobs
-        wanted = [{"digest": digest_of(data), "size": len(data)} for data in values]
-        response = self.client.post("/api/v1/blobs/uploads", json={"blobs": wanted})
+    def plan(
+        self, blobs: dict[str, bytes] | list[bytes], *, part_size: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The upload plan; with ``part_size``, each blob comes with that part layout and its CRC32s."""
+        response = self.request_plan(blobs, part_size=part_size)
         assert response.status_code == 200, response.text
         targets: list[dict[str, Any]] = response.json()["blobs"]
         return targets
+
+    def request_plan(self, blobs: dict[str, bytes] | list[bytes], *, part_size: int | None = None) -> Any:
+        values = list(blobs.values()) if isinstance(blobs, dict) else blobs
+        wanted = [{"digest": digest_of(data), "size": len(data)} for data in values]
+        if part_size is not None:
+            for blob, data in zip(wanted, values, strict=True):
+                blob["parts"] = {"part_size": part_size, "crc32": part_crc32s(data, part_size)}
+        return self.client.post("/api/v1/blobs/uploads", json={"blobs": wanted})
 
     def send(self, target: dict[str, Any], data: bytes) -> dict[str, Any]:
         """Transfer ``data`` as the plan ``target`` says, without completing; returns the complete body."""
@@ -231,9 +241,12 @@ class RegistryHelper:
         parts = []
         for part in upload["parts"]:
             chunk = data[part["offset"] : part["offset"] + part["size"]]
-            response = self.transfer("PUT", part["url"], content=chunk)
+            response = self.transfer("PUT", part["url"], content=chunk, headers=part.get("headers") or {})
             assert response.status_code == 200, response.text
-            parts.append({"number": part["number"], "etag": response.headers["etag"]})
+            listed = {"number": part["number"], "etag": response.headers["etag"]}
+            if part.get("checksum_crc32"):
+                listed["checksum_crc32"] = part["checksum_crc32"]
+            parts.append(listed)
         return {"upload_id": upload["upload_id"], "parts": parts}
 
     def complete(self, digest: str, body: dict[str, Any] | None = None) -> Any:

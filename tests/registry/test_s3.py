@@ -14,6 +14,7 @@ import time
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from _support.checksums import part_crc32s
 
 from deltareg.client.errors import MissingBlob
 from deltareg.registry.config import MIB
@@ -289,6 +290,68 @@ def test_large_uploads_through_the_api_and_large_copies_go_in_parts(moto_s3, set
     keys = [item["Key"] for item in moto_s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert keys == [store.blob_key(digest)]
     assert moto_s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_proposed_part_layout_is_used_with_each_parts_crc32_signed_into_its_url(multipart_registry):
+    registry = multipart_registry
+    data = big_blob() * 2  # 10 MiB + 8 KiB: 2 parts of 6 MiB as proposed (the server's own: 3 of 5 MiB)
+    (target,) = registry.plan([data], part_size=6 * MIB)
+    upload = target["upload"]
+    assert upload["part_size"] == 6 * MIB
+    layout = [(p["offset"], p["size"]) for p in upload["parts"]]
+    assert layout == [(0, 6 * MIB), (6 * MIB, len(data) - 6 * MIB)]
+    expected = part_crc32s(data, 6 * MIB)
+    for part, crc32 in zip(upload["parts"], expected, strict=True):
+        assert (part["checksum_crc32"], part["headers"]) == (crc32, {"x-amz-checksum-crc32": crc32})
+        assert "x-amz-checksum-crc32" in parse_qs(urlsplit(part["url"]).query)["X-Amz-SignedHeaders"][0]
+
+    response = registry.complete(target["digest"], registry.send(target, data))
+    assert response.status_code == 200, response.text
+    assert registry.read_stored(target["digest"]) == data
+
+
+@pytest.mark.parametrize(
+    ("part_size", "crc32s", "detail"),
+    [
+        (6 * MIB, 3, "are 2 parts, but 3 part checksums were sent"),
+        (6 * MIB, 1, "are 2 parts, but 1 part checksums were sent"),
+        (1 * MIB, 11, "S3 needs 5242880 to"),
+    ],
+)
+def test_a_part_layout_the_store_cannot_take_is_400_and_starts_no_upload(
+    multipart_registry, part_size, crc32s, detail
+):
+    registry = multipart_registry
+    data = big_blob() * 2
+    blob = {"digest": registry.digest_of(data), "size": len(data)}
+    blob["parts"] = {"part_size": part_size, "crc32": (part_crc32s(data, part_size) * 3)[:crc32s]}
+    response = registry.client.post("/api/v1/blobs/uploads", json={"blobs": [blob]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_input"
+    assert detail in response.json()["detail"]
+    assert uploads_in_progress(registry) == []
+
+
+def test_a_malformed_part_checksum_is_400(multipart_registry):
+    data = big_blob()
+    blob = {"digest": multipart_registry.digest_of(data), "size": len(data)}
+    blob["parts"] = {"part_size": 6 * MIB, "crc32": ["not a crc"]}
+    response = multipart_registry.client.post("/api/v1/blobs/uploads", json={"blobs": [blob]})
+    assert response.status_code == 400, response.text
+    assert "crc32" in response.json()["detail"]
+
+
+def test_with_part_checksums_off_a_proposed_layout_is_ignored(make_registry):
+    with make_registry(
+        multipart_threshold=5 * MIB, multipart_part_size=5 * MIB, s3_part_checksums=False
+    ) as registry:
+        data = big_blob() * 2
+        (target,) = registry.plan([data], part_size=6 * MIB)
+        upload = target["upload"]
+        assert upload["part_size"] == 5 * MIB and len(upload["parts"]) == 3
+        assert all(p["checksum_crc32"] is None and p["headers"] == {} for p in upload["parts"])
+        response = registry.complete(target["digest"], registry.send(target, data))
+        assert response.status_code == 200, response.text
 
 
 def test_part_size_grows_so_that_no_upload_needs_more_than_10000_parts():
