@@ -72,6 +72,11 @@ from deltareg.registry.storage.base import (
 
 logger = logging.getLogger("deltareg.registry.storage")
 
+# What CompleteMultipartUpload answers when the client's part list is wrong: unknown, misordered or too
+# small parts, or (InvalidRequest, BadDigest) part checksums missing from the list or not the parts'.
+REFUSED_PARTS = frozenset(
+    {"InvalidPart", "InvalidPartOrder", "EntityTooSmall", "MalformedXML", "InvalidRequest", "BadDigest"}
+)
 # Reading an object back to hash it: chunks read ahead of the hasher (a thread) at most.
 READ_CHUNK_BYTES = MIB
 HASH_QUEUE_CHUNKS = 8
@@ -453,7 +458,7 @@ class S3BlobStore:
             code = _code(exc)
             if code == "NoSuchUpload":
                 raise MissingBlob(f"blob {digest}: no such multipart upload (finished or expired)") from None
-            if code in ("InvalidPart", "InvalidPartOrder", "EntityTooSmall", "MalformedXML"):
+            if code in REFUSED_PARTS:
                 raise InvalidInput(
                     f"blob {digest}: the store refused the parts ({code}); upload again"
                 ) from None
@@ -863,7 +868,8 @@ def _check_layout(digest: str, size: int, proposed: PartChecksums) -> None:
         )
     if count > MAX_PARTS:
         raise InvalidInput(f"blob {digest}: {count} parts, over S3's limit of {MAX_PARTS}; use larger parts")
-    if proposed.part_size > S3_MAX_PART_BYTES or (count > 1 and proposed.part_size < S3_MIN_PART_BYTES):
+    largest = min(proposed.part_size, size)
+    if largest > S3_MAX_PART_BYTES or (count > 1 and proposed.part_size < S3_MIN_PART_BYTES):
         raise InvalidInput(
             f"blob {digest}: parts of {proposed.part_size} bytes; S3 needs {S3_MIN_PART_BYTES} to "
             f"{S3_MAX_PART_BYTES} bytes (only a single part may be smaller)"

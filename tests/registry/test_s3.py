@@ -332,6 +332,14 @@ def test_a_part_layout_the_store_cannot_take_is_400_and_starts_no_upload(
     assert uploads_in_progress(registry) == []
 
 
+def test_a_part_size_larger_than_the_blob_is_one_part(multipart_registry):
+    data = big_blob()
+    (target,) = multipart_registry.plan([data], part_size=8 << 30)  # 8 GiB: over S3's largest part
+    assert [(p["offset"], p["size"]) for p in target["upload"]["parts"]] == [(0, len(data))]
+    response = multipart_registry.complete(target["digest"], multipart_registry.send(target, data))
+    assert response.status_code == 200, response.text
+
+
 def test_a_malformed_part_checksum_is_400(multipart_registry):
     data = big_blob()
     blob = {"digest": multipart_registry.digest_of(data), "size": len(data)}
