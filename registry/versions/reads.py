@@ -3,9 +3,8 @@
 One query finds what a reference names *now* (the alias is read for every request, so a promotion or a
 rollback on any replica is seen by the next resolve) together with the version's mutable state.
 Concurrent resolves of one reference share that query, never one that began before they arrived
-(registry/coalesce.py). The
-version's JSON is rendered by the full service path once, kept in this process, and served from memory
-while that state is unchanged.
+(registry/coalesce.py). The version's JSON is rendered by the full service path once, kept in this
+process, and served from memory while that state is unchanged.
 
 Why the state is enough to know the rendering is current: a version's row, files and manifest never
 change; what can change is its yank (set once, never cleared) and its evals (rows are only ever added). So
