@@ -218,18 +218,15 @@ class RegistryHelper:
         self, blobs: dict[str, bytes] | list[bytes], *, part_size: int | None = None
     ) -> list[dict[str, Any]]:
         """The upload plan; with ``part_size``, each blob comes with that part layout and its CRC32s."""
-        response = self.request_plan(blobs, part_size=part_size)
-        assert response.status_code == 200, response.text
-        targets: list[dict[str, Any]] = response.json()["blobs"]
-        return targets
-
-    def request_plan(self, blobs: dict[str, bytes] | list[bytes], *, part_size: int | None = None) -> Any:
         values = list(blobs.values()) if isinstance(blobs, dict) else blobs
         wanted = [{"digest": digest_of(data), "size": len(data)} for data in values]
         if part_size is not None:
             for blob, data in zip(wanted, values, strict=True):
                 blob["parts"] = {"part_size": part_size, "crc32": part_crc32s(data, part_size)}
-        return self.client.post("/api/v1/blobs/uploads", json={"blobs": wanted})
+        response = self.client.post("/api/v1/blobs/uploads", json={"blobs": wanted})
+        assert response.status_code == 200, response.text
+        targets: list[dict[str, Any]] = response.json()["blobs"]
+        return targets
 
     def send(self, target: dict[str, Any], data: bytes) -> dict[str, Any]:
         """Transfer ``data`` as the plan ``target`` says, without completing; returns the complete body."""
