@@ -5,9 +5,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltareg.client.refs import DIGEST
+from deltareg.client.transfer import MAX_PARTS
 
 MAX_BLOBS_PER_REQUEST = 256
-MAX_PARTS = 10_000
+
 DigestStr = Annotated[str, Field(pattern=f"^{DIGEST.pattern}$", description="sha256:<64 hex>")]
 
 

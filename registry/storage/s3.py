@@ -56,7 +56,7 @@ from deltareg.client.errors import (
     ServiceUnavailable,
 )
 from deltareg.client.refs import DIGEST
-from deltareg.client.transfer import MAX_PARTS, part_size_for
+from deltareg.client.transfer import part_size_for
 from deltareg.registry.config import GIB, MIB, S3_MAX_PART_BYTES, S3_MIN_PART_BYTES, Settings
 from deltareg.registry.storage.base import (
     BlobLocation,
@@ -361,8 +361,8 @@ class S3BlobStore:
         parts = []
         for index, offset in enumerate(range(0, size, part_size)):
             length = min(part_size, size - offset)
+            crc = crc32[index] if crc32 is not None else None
             # A part's checksum is signed into its URL: S3 refuses unsigned x-amz-* headers there.
-            checksum = {"ChecksumCRC32": crc32[index]} if crc32 is not None else {}
             url = self._presign(
                 "upload_part",
                 Bucket=self.bucket,
@@ -370,13 +370,10 @@ class S3BlobStore:
                 UploadId=s3_upload_id,
                 PartNumber=index + 1,
                 ContentLength=length,
-                **checksum,
+                **({"ChecksumCRC32": crc} if crc else {}),
             )
-            if crc32 is None:
-                parts.append(UploadPart(index + 1, url, offset, length))
-                continue
-            headers = {"x-amz-checksum-crc32": crc32[index]}
-            parts.append(UploadPart(index + 1, url, offset, length, headers, crc32[index]))
+            headers = {"x-amz-checksum-crc32": crc} if crc else {}
+            parts.append(UploadPart(index + 1, url, offset, length, headers, crc))
         return MultipartUpload(f"{uuid.uuid4().hex}.{s3_upload_id}", part_size, parts)
 
     def complete_upload(
@@ -859,15 +856,14 @@ def _part_size(size: int, preferred: int) -> int:
 
 
 def _check_layout(digest: str, size: int, proposed: PartChecksums) -> None:
-    """A client's part layout must be one S3 accepts and give exactly one checksum per part."""
+    """A client's part layout must be one S3 accepts and give exactly one checksum per part (the request
+    schema already caps the checksums, and so the parts, at MAX_PARTS)."""
     count = max(1, math.ceil(size / proposed.part_size))
     if len(proposed.crc32) != count:
         raise InvalidInput(
             f"blob {digest}: {size} bytes in parts of {proposed.part_size} bytes are {count} parts, "
             f"but {len(proposed.crc32)} part checksums were sent"
         )
-    if count > MAX_PARTS:
-        raise InvalidInput(f"blob {digest}: {count} parts, over S3's limit of {MAX_PARTS}; use larger parts")
     largest = min(proposed.part_size, size)
     if largest > S3_MAX_PART_BYTES or (count > 1 and proposed.part_size < S3_MIN_PART_BYTES):
         raise InvalidInput(
