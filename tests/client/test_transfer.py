@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -390,6 +390,27 @@ def test_parts_upload_in_parallel_and_a_failed_part_is_retried(fake_store, trans
     puts = [path for method, path, _ in fake_store.requests if method == "PUT"]
     assert sorted(p.split("?")[0] for p in puts) == ["/part/1", "/part/2", "/part/2", "/part/3"]
     assert all("authorization" not in headers for _, _, headers in fake_store.requests)
+
+
+def test_each_part_is_sent_with_its_own_headers_and_reports_its_checksum(fake_store, transfers, tmp_path):
+    # An S3 store signs each part's CRC32 into its URL: the part must carry exactly that header, or S3
+    # refuses it (moto does not check, so this is where the client's side of it is tested).
+    data = random_bytes(700 * KIB, seed=12)
+    (tmp_path / "blob").write_bytes(data)
+    plain = multipart_plan(fake_store, data, 256 * KIB)
+    crcs = [f"crc-of-{part.number}" for part in plain.parts]
+    parts = tuple(
+        replace(part, headers={"x-amz-checksum-crc32": crc}, checksum_crc32=crc)
+        for part, crc in zip(plain.parts, crcs, strict=True)
+    )
+
+    completed = transfers().send(replace(plain, parts=parts), tmp_path / "blob", label="b")
+
+    assert [p.checksum_crc32 for p in completed] == crcs
+    sent = {path.split("?")[0]: headers for method, path, headers in fake_store.requests if method == "PUT"}
+    assert {path: h.get("x-amz-checksum-crc32") for path, h in sent.items()} == {
+        f"/part/{n}": f"crc-of-{n}" for n in (1, 2, 3)
+    }
 
 
 def test_a_part_refused_with_403_is_not_retried(fake_store, transfers, tmp_path):
