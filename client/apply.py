@@ -18,7 +18,8 @@ Nothing is modified before everything is checked: the manifest's params, the ada
 expected shapes, finite), every target in the base (present, expected shape, float dtype) and the base's
 identity, either its whole fingerprint (``verify="full"``) or only the digests of the tensors the delta
 changes (``verify="touched"``, faster; it cannot notice a difference in a tensor the delta does not touch,
-which is the trade-off of that mode).
+which is the trade-off of that mode). File to file, the identity is checked on the bytes the one pass
+reads (``_BaseCheck``), into a temporary folder that becomes the output only once the base has matched.
 
 A version that stacks on a parent is applied as a chain (``apply_steps_*``): the oldest ancestor first on
 the pristine base, then each descendant, every step merged and rounded to the base dtype as PEFT's
@@ -31,6 +32,7 @@ This module needs torch; the rest of the library imports without it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,7 +40,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -62,17 +64,20 @@ from deltareg.client.errors import (
     ResultMismatch,
 )
 from deltareg.client.fingerprint import (
+    CachedFiles,
     FingerprintCache,
     ModelFingerprint,
     TensorInfo,
+    cached_file_digests,
     combine,
-    fingerprint_path,
+    fingerprint_of,
     fingerprint_state_dict,
     is_fingerprint,
+    remember_file_digests,
     safetensors_dtype,
     tensor_digest,
-    tensor_digests,
     tensor_digests_of_state_dict,
+    tensor_hasher,
 )
 from deltareg.client.lora import (
     BASE_DTYPES,
@@ -100,7 +105,11 @@ from deltareg.client.weights import (
 
 VerifyMode = Literal["full", "touched"]
 VERIFY_MODES: tuple[VerifyMode, ...] = ("full", "touched")
-COPY_CHUNK = 16 << 20
+COPY_CHUNK = 8 << 20  # untouched tensors are copied in chunks of this size, through one reused buffer
+# Weight files written at once. A file's writes take its inode's lock one at a time, so with one file at
+# a time its single writer thread bounds the whole apply; two files keep two writers busy (on 2 cores,
+# bench/bench_apply_files.py: ~20 % faster). Each file in flight costs a merge scratch buffer and buffers.
+FILES_AT_ONCE = 2
 
 # Elementwise passes of a merge go in row blocks of about 2**20 elements (4 MiB of fp32), which stay in cache.
 BLOCK_ELEMENTS = 1 << 20
@@ -483,10 +492,13 @@ def apply_steps_files(
 ) -> ApplyResult:
     """``apply_files`` for a chain of versions (oldest first), in one pass: each changed tensor is read
     once, merged with every step in turn (each rounded to its dtype) and written; memory stays near one
-    tensor plus the chain's LoRA factors. Everything is checked before anything is written.
+    tensor plus the chain's LoRA factors. Everything is checked before the output exists.
 
-    The result fingerprint needs every base tensor's digest: the whole-base check has them; in fast mode
-    (``verify="touched"``) it is computed only for ``expect`` (from the fingerprint cache when it can)."""
+    The base is checked on the very bytes the pass reads (see ``_BaseCheck``): what the fingerprint cache
+    already knows is checked before anything is written; the rest is hashed as it is read, a changed
+    tensor's bytes before they are merged, and a tensor that differs from the digest recorded at push stops
+    the pass at once. The result fingerprint needs every base tensor's digest: ``verify="full"`` has them;
+    in fast mode (``verify="touched"``) it is computed only for ``expect``."""
     if expect is not None and not is_fingerprint(expect):
         raise InvalidInput(f"expected fingerprint {expect!r} is not of the form tmv1:<64 hex digits>")
     plans = _plan(steps, verify)
@@ -497,23 +509,23 @@ def apply_steps_files(
     specs = _specs_of_files(headers)
     _check_fit(plans, specs, read_base_config(base), compare_digest=True)
     merges = _load_merges(plans, lazy=True)
-    base_digests: Mapping[str, TensorInfo] | None = None
-    if verify == "full":
-        fingerprint = fingerprint_path(base, cache=cache)
-        _verify_fingerprint(steps[-1].manifest, fingerprint)
-        base_digests = fingerprint.tensors
-    else:
-        expected = _chain_touched_digests(plans)
-        if expect is None:
-            _verify_touched(expected, tensor_digests(base, expected, cache=cache))
-        else:  # the result's fingerprint needs every base digest: hash the base once, check from those
-            base_digests = fingerprint_path(base, cache=cache).tensors
-            _verify_touched(expected, base_digests)
+    recorded = _chain_touched_digests(plans) if verify == "touched" else steps[-1].manifest.base.tensors
+    check = _BaseCheck(
+        headers,
+        cached_file_digests(weight_files, cache),
+        expected=dict(recorded),
+        whole=verify == "full" or expect is not None,
+    )
+    if verify == "touched":
+        _check_touched_names(base, check.expected, specs)
+    check.verify_known(steps[-1].manifest, verify)
     model = _ModelFiles(Path(base) if Path(base).is_dir() else None, headers, _overlays(steps))
 
     def write(temp: Path) -> tuple[list[str], str | None]:
-        written, changed = _write_model(model, merges, temp, hash_changed=base_digests is not None)
-        result = None if base_digests is None else combine({**base_digests, **changed})
+        written, changed, read = _write_model(model, merges, temp, check)
+        base_digests = check.complete(read, cache)
+        check.verify_all(steps[-1].manifest, verify, base_digests)
+        result = combine({**base_digests, **changed}) if check.whole else None
         if expect is not None and result != expect:
             raise ResultMismatch(
                 f"the merged model has fingerprint {result}, but {expect} was expected; nothing was written"
@@ -525,6 +537,84 @@ def apply_steps_files(
     finally:
         release_scratch()
     return ApplyResult(output=output, tensors_changed=len(merges), files_written=written, fingerprint=result)
+
+
+@dataclass(frozen=True)
+class _BaseCheck:
+    """How a file-to-file apply checks its base, on the bytes it reads rather than in a pass of its own.
+
+    Hashing the base first and then reading it again to merge would read the touched tensors twice and
+    leave the cores idle while the hash runs (on 2 cores, the fast mode spent ~1.5 s of its ~5 s hashing
+    before writing a byte). Instead the write pass hashes what it reads: a file the fingerprint cache knows
+    is checked from the cache before anything is written; of the other files, every tensor (``whole``) or
+    only the changed ones are hashed as they are read, and the result is checked before the output is
+    renamed into place, so a wrong base still leaves nothing. This also checks the exact bytes merged: a
+    base file replaced between a separate check and the merge could not slip through.
+    """
+
+    headers: Mapping[Path, SafetensorsHeader]
+    cached: CachedFiles
+    expected: Mapping[str, str]  # base tensor digests recorded at push, checked as soon as each is known
+    whole: bool  # every base tensor's digest is needed (the whole fingerprint, or the result's)
+
+    def to_hash(self, path: Path) -> frozenset[str]:
+        """The tensors of ``path`` to hash as they are read: none of a cached file."""
+        if path in self.cached.digests:
+            return frozenset()
+        names = self.headers[path].tensors.keys()
+        return frozenset(names if self.whole else names & self.expected.keys())
+
+    def check_read(self, name: str, info: TensorInfo) -> None:
+        """Stop at the first tensor read that is not the one the delta was made on."""
+        digest = self.expected.get(name)
+        if digest is not None and info.digest != digest:
+            raise BaseMismatch(
+                f"wrong base model: its tensor {name}, which this delta changes, differs from that of the "
+                f"base the delta was made for (digest {info.digest[:12]}…, expected {digest[:12]}…); "
+                "nothing was written"
+            )
+
+    def known(self) -> dict[str, TensorInfo]:
+        return _merge_shards_of(self.cached.digests)
+
+    def verify_known(self, manifest: Manifest, verify: VerifyMode) -> None:
+        """Before anything is written: check what the cache knows (the whole fingerprint if it knows it)."""
+        known = self.known()
+        if verify == "full" and len(self.cached.digests) == len(self.headers):
+            _verify_fingerprint(manifest, fingerprint_of(known))
+        elif verify == "touched":
+            _verify_touched({n: d for n, d in self.expected.items() if n in known}, known)
+
+    def complete(
+        self, read: Mapping[str, TensorInfo], cache: FingerprintCache | None
+    ) -> dict[str, TensorInfo]:
+        """Every base digest known after the pass; fully hashed files go into the cache."""
+        if self.whole:
+            for path, header in self.headers.items():
+                if path not in self.cached.digests:
+                    digests = {name: read[name] for name in header.tensors}
+                    remember_file_digests(cache, path, self.cached.keys[path], digests)
+        return {**self.known(), **read}
+
+    def verify_all(self, manifest: Manifest, verify: VerifyMode, digests: Mapping[str, TensorInfo]) -> None:
+        if verify == "full":
+            _verify_fingerprint(manifest, fingerprint_of(digests))
+        else:
+            _verify_touched(self.expected, digests)
+
+
+def _merge_shards_of(per_file: Mapping[Path, Mapping[str, TensorInfo]]) -> dict[str, TensorInfo]:
+    return {name: info for tensors in per_file.values() for name, info in tensors.items()}
+
+
+def _check_touched_names(
+    base: str | os.PathLike[str], expected: Mapping[str, str], specs: Mapping[str, Any]
+) -> None:
+    """Every tensor with a recorded digest must be in the base (``tensor_digests``'s error)."""
+    missing = sorted(name for name in expected if name not in specs)
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise InvalidModel(f"{base}: the model has no tensor named {shown}")
 
 
 @dataclass(frozen=True)
@@ -560,26 +650,36 @@ Layout = list[tuple[str, str, tuple[int, ...]]]  # (name, dtype, shape) of a wei
 
 
 def _write_model(
-    model: _ModelFiles, merges: Mapping[str, Sequence[Merge]], temp: Path, *, hash_changed: bool
-) -> tuple[list[str], dict[str, TensorInfo]]:
-    """Write every weight file (merged) and, for a folder, its other files; return the relative paths
-    written and, with ``hash_changed``, the digests of the tensors that changed."""
+    model: _ModelFiles, merges: Mapping[str, Sequence[Merge]], temp: Path, check: _BaseCheck
+) -> tuple[list[str], dict[str, TensorInfo], dict[str, TensorInfo]]:
+    """Write every weight file (merged) and, for a folder, its other files. Returns the relative paths
+    written, the digests of the changed tensors as written (when ``check.whole``: the result's
+    fingerprint needs them) and those of the base tensors hashed as read (``check.to_hash``)."""
     layouts = _output_layouts(model.headers, merges)
-    written, changed = [], {}
+    written, changed, read = [], {}, {}
+    files_at_once = min(FILES_AT_ONCE, len(model.headers))
+    buffers = _ReadBuffers(_largest_changed(model.headers, merges), files_at_once)
+    stop = threading.Event()
     with (
-        ThreadPoolExecutor(max_workers=1) as hasher,  # hashes a written tensor while the next is merged
-        _torch_threads(_merge_thread_budget()),
+        _pool(files_at_once * 2, "deltareg-hash") as hasher,  # a file's read bytes and its merged bytes
+        _pool(files_at_once, "deltareg-file") as files,  # shut down first: its jobs submit to the hasher
+        _torch_threads(_merge_thread_budget(files_at_once)),
     ):
+        jobs = []
         for path, header in model.headers.items():
             relative = path.relative_to(model.folder) if model.folder is not None else Path(path.name)
             destination = temp / relative
             destination.parent.mkdir(parents=True, exist_ok=True)
-            changed.update(
-                _write_weight_file(
-                    path, header, layouts[path], merges, destination, hasher if hash_changed else None
-                )
+            hashing = _Hashing(hasher, check, check.to_hash(path), merged=check.whole)
+            job = files.submit(
+                _write_weight_file, path, header, layouts[path], merges, destination, hashing, buffers, stop
             )
+            jobs.append((job, hashing))
             written.append(relative.as_posix())
+        _first_failure(jobs, stop)
+        for _, hashing in jobs:
+            changed.update(hashing.merged_digests())
+            read.update(hashing.read_digests())
     index = find_index(model.folder) if model.folder is not None else None
     for path in _other_files(model.folder, model.headers) if model.folder is not None else []:
         if path == index and any(_layout_of(h) != layouts[p] for p, h in model.headers.items()):
@@ -590,16 +690,52 @@ def _write_model(
     for path in model.overlays:
         shutil.copyfile(path, temp / path.name)
         written.append(path.name)
-    return sorted(set(written)), changed
+    return sorted(set(written)), changed, read
 
 
-def _merge_thread_budget() -> int:
-    """Threads for torch's merges while the writer and the hasher run beside them: the cores left.
+class _Stopped(Exception):
+    """A file's pass ended because another file's failed (never raised out of ``_write_model``)."""
 
-    On 2 cores torch's default of 2 threads made the merges contend with the other two threads and the
-    whole apply ~20 % slower (bench/bench_apply_files.py, 2026-12-03: 4.5 s with 2, 3.6 s with 1).
+
+def _first_failure(jobs: Sequence[tuple[Future[None], object]], stop: threading.Event) -> None:
+    """Wait for every file; on the first failure (or an interrupt), stop the others and raise it."""
+    try:
+        done, _ = wait([job for job, _ in jobs], return_when=FIRST_EXCEPTION)
+        for job, _ in jobs:
+            if job in done and job.exception() is not None:
+                job.result()
+    except BaseException:
+        stop.set()
+        raise
+
+
+@contextmanager
+def _pool(workers: int, name: str) -> Iterator[ThreadPoolExecutor]:
+    """A thread pool whose queued jobs are dropped if the block fails (the running ones finish)."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _merge_thread_budget(files_at_once: int) -> int:
+    """Threads for each of torch's merges while the writers and hashers run beside them: the cores left,
+    shared by the files written at once.
+
+    On 2 cores torch's default of 2 threads made the merges contend with the other threads and the whole
+    apply ~20 % slower (bench/bench_apply_files.py, 2026-12-03: 4.5 s with 2, 3.6 s with 1).
     """
-    return max(1, len(os.sched_getaffinity(0)) - 2) if hasattr(os, "sched_getaffinity") else 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return max(1, (cores - 2 * files_at_once) // files_at_once)
+
+
+def _largest_changed(headers: Mapping[Path, SafetensorsHeader], merges: Mapping[str, object]) -> int:
+    """Bytes of the largest base tensor a merge reads."""
+    sizes = [e.nbytes for h in headers.values() for name, e in h.tensors.items() if name in merges]
+    return max(sizes, default=0)
 
 
 @contextmanager
@@ -678,53 +814,166 @@ def _write_weight_file(
     layout: Layout,
     merges: Mapping[str, Sequence[Merge]],
     destination: Path,
-    hasher: ThreadPoolExecutor | None,
-) -> dict[str, TensorInfo]:
+    hashing: _Hashing,
+    buffers: _ReadBuffers,
+    stop: threading.Event,
+) -> None:
     """Write ``layout``'s tensors: the untouched ones copied byte for byte from ``source``, the changed ones
-    merged. The header is copied as it is when the layout is the source's, else written anew (same
-    ``__metadata__``). Returns the changed tensors' digests when a ``hasher`` is given.
-
-    Writing is a pipeline: a writer thread appends to the file in layout order while this thread reads and
-    merges the next changed tensor (and the ``hasher`` hashes the last one), so the page-cache copy of one
-    tensor overlaps the merge of the next."""
+    merged (read into ``buffers``, shared by the files written at once). The header is copied as it is
+    when the layout is the source's, else written anew (same ``__metadata__``). What ``hashing`` asks for
+    is hashed on the way (see ``_TensorPass``). ``stop`` (another file failed) ends the pass early."""
     if sys.byteorder != "little":  # safetensors is little-endian; torch's memory here would not be
         raise InvalidInput("applying to safetensors files needs a little-endian machine")
-    digests: dict[str, Future[TensorInfo]] = {}
     new_header = None if layout == _layout_of(header) else encode_header(layout, header.metadata)
-    changed = [header.tensors[name] for name, _, _ in layout if name in merges and name in header.tensors]
     with open(source, "rb") as src, open(destination, "wb") as dst, _OrderedWriter(dst) as writer:
-        buffers = _ReadBuffers(max((entry.nbytes for entry in changed), default=0), writer)
         if new_header is None:
             writer.copy(src.fileno(), 0, header.data_start)
         else:
             writer.write(memoryview(new_header))
+        tensors = _TensorPass(src.fileno(), header, merges, writer, hashing, buffers)
         for name, dtype, shape in layout:  # in offset order: the file is written sequentially
-            merges_of_tensor = merges.get(name)
-            if merges_of_tensor is None:
-                entry = header.tensors[name]
-                writer.copy(src.fileno(), entry.start, entry.nbytes)
-                continue
-            buffer = buffers.take()
-            stored = header.tensors.get(name)  # None: a tensor the delta adds
-            weight = None if stored is None else _read_tensor(src.fileno(), stored, buffer)
-            merged = _merge_all(weight, merges_of_tensor)
-            data: memoryview = merged.contiguous().reshape(-1).view(torch.uint8).numpy().data
-            if _spec_of(merged) != _Spec(dtype, shape):
-                raise InvalidManifest(
-                    f"{name}: the merge gave {_spec_of(merged)}, expected {dtype} {list(shape)}"
-                )
-            uses: list[Future[Any]] = [writer.write(data)]
-            if hasher is not None:
-                digests[name] = hasher.submit(_digest_job, dtype, shape, data)
-                uses.append(digests[name])
-            buffers.give_back(buffer, uses)
+            if stop.is_set():
+                raise _Stopped
+            tensors.add(name, dtype, shape)
+        tensors.flush()
         writer.finish()
         size = dst.tell()
     expected = header.data_start if new_header is None else len(new_header)
     expected += sum(tensor_nbytes(dtype, shape) for _, dtype, shape in layout)
     if size != expected:
         raise InvalidModel(f"{source}: wrote {size} bytes for {destination.name} but expected {expected}")
-    return {name: future.result() for name, future in digests.items()}
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A changed tensor read from the base (``weight`` None: a tensor the delta adds), not merged yet."""
+
+    name: str
+    dtype: str  # as written
+    shape: tuple[int, ...]
+    buffer: torch.Tensor
+    weight: torch.Tensor | None
+
+
+class _TensorPass:
+    """One weight file's tensors, handed to the writer in layout order.
+
+    An untouched tensor is copied by the writer thread (which hashes it on the way when asked). A changed
+    one is read as soon as it comes up, and its base bytes go to a hasher at once, but it is merged only
+    once the next changed tensor has been read: hashing one tensor's base bytes overlaps merging the one
+    before, while the writer writes and the other hasher hashes the merged bytes before that."""
+
+    def __init__(
+        self,
+        src_fd: int,
+        header: SafetensorsHeader,
+        merges: Mapping[str, Sequence[Merge]],
+        writer: _OrderedWriter,
+        hashing: _Hashing,
+        buffers: _ReadBuffers,
+    ) -> None:
+        self._src_fd = src_fd
+        self._header = header
+        self._merges = merges
+        self._writer = writer
+        self._hashing = hashing
+        self._buffers = buffers
+        self._queue: deque[_Read | str] = deque()  # a name alone: an untouched tensor
+        self._reads_queued = 0
+
+    def add(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        if name not in self._merges:
+            self._queue.append(name)
+        else:
+            self._queue.append(self._read(name, dtype, shape))
+            self._reads_queued += 1
+        self.flush(keep=1)
+
+    def flush(self, keep: int = 0) -> None:
+        """Hand queued tensors to the writer, in order, until at most ``keep`` changed ones are left."""
+        while self._queue and (self._reads_queued > keep or isinstance(self._queue[0], str)):
+            item = self._queue.popleft()
+            if isinstance(item, str):
+                entry = self._header.tensors[item]
+                self._writer.copy(self._src_fd, entry.start, entry.nbytes, self._hashing.copied(item, entry))
+            else:
+                self._reads_queued -= 1
+                self._merge_and_write(item)
+
+    def _read(self, name: str, dtype: str, shape: tuple[int, ...]) -> _Read:
+        buffer = self._buffers.take()
+        stored = self._header.tensors.get(name)  # None: a tensor the delta adds
+        if stored is None:
+            return _Read(name, dtype, shape, buffer, None)
+        weight = _read_tensor(self._src_fd, stored, buffer)
+        self._hashing.read(name, stored, buffer[: stored.nbytes].numpy().data)
+        return _Read(name, dtype, shape, buffer, weight)
+
+    def _merge_and_write(self, item: _Read) -> None:
+        self._hashing.check_read(item.name)  # before the merge overwrites the bytes read
+        merged = _merge_all(item.weight, self._merges[item.name])
+        if _spec_of(merged) != _Spec(item.dtype, item.shape):
+            raise InvalidManifest(
+                f"{item.name}: the merge gave {_spec_of(merged)}, expected {item.dtype} {list(item.shape)}"
+            )
+        data: memoryview = merged.contiguous().reshape(-1).view(torch.uint8).numpy().data
+        uses: list[Future[Any]] = [self._writer.write(data)]
+        hashed = self._hashing.written(item.name, item.dtype, item.shape, data)
+        if hashed is not None:
+            uses.append(hashed)
+        self._buffers.give_back(item.buffer, uses)
+
+
+class _Hashing:
+    """What one weight file's pass hashes, on the shared ``hasher`` pool: the base tensors named in
+    ``to_hash``, as they are read (a changed tensor's bytes checked against the digest recorded at push as
+    soon as they are hashed) or, when untouched, as the writer copies them; and with ``merged``, every
+    changed tensor as written (for the result's fingerprint)."""
+
+    def __init__(
+        self, hasher: ThreadPoolExecutor, check: _BaseCheck, to_hash: frozenset[str], *, merged: bool
+    ) -> None:
+        self._hasher = hasher
+        self._check = check
+        self._to_hash = to_hash
+        self._merged = merged
+        self._read: dict[str, Future[TensorInfo]] = {}
+        self._copied: dict[str, tuple[TensorEntry, hashlib._Hash]] = {}
+        self._written: dict[str, Future[TensorInfo]] = {}
+
+    def read(self, name: str, entry: TensorEntry, data: memoryview) -> None:
+        if name in self._to_hash:
+            self._read[name] = self._hasher.submit(_digest_job, entry.dtype, entry.shape, data)
+
+    def check_read(self, name: str) -> None:
+        """Wait for the base bytes of ``name`` to be hashed, and check them."""
+        future = self._read.get(name)
+        if future is not None:
+            self._check.check_read(name, future.result())
+
+    def copied(self, name: str, entry: TensorEntry) -> hashlib._Hash | None:
+        """The hasher the writer feeds an untouched tensor's bytes to as it copies them, if it is wanted."""
+        if name not in self._to_hash:
+            return None
+        hasher = tensor_hasher(entry.dtype, entry.shape)
+        self._copied[name] = (entry, hasher)
+        return hasher
+
+    def written(self, name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> Future[Any] | None:
+        if not self._merged:
+            return None
+        self._written[name] = self._hasher.submit(_digest_job, dtype, shape, data)
+        return self._written[name]
+
+    def read_digests(self) -> dict[str, TensorInfo]:
+        """The base tensors hashed; call once the writer has finished (it hashes the copies)."""
+        digests = {name: future.result() for name, future in self._read.items()}
+        for name, (entry, hasher) in self._copied.items():
+            digests[name] = TensorInfo(entry.dtype, entry.shape, hasher.hexdigest())
+        return digests
+
+    def merged_digests(self) -> dict[str, TensorInfo]:
+        return {name: future.result() for name, future in self._written.items()}
 
 
 class _OrderedWriter:
@@ -735,6 +984,7 @@ class _OrderedWriter:
         self._dst = dst
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltareg-writer")
         self._queued: deque[Future[object]] = deque()
+        self._chunk: memoryview | None = None  # the copies' buffer, used by the writer thread only
 
     def __enter__(self) -> _OrderedWriter:
         return self
@@ -745,13 +995,31 @@ class _OrderedWriter:
     def write(self, data: memoryview) -> Future[object]:
         return self._submit(self._dst.write, data)
 
-    def copy(self, src_fd: int, offset: int, length: int) -> Future[object]:
-        return self._submit(_copy_range, src_fd, self._dst, offset, length)
+    def copy(
+        self, src_fd: int, offset: int, length: int, digest: hashlib._Hash | None = None
+    ) -> Future[object]:
+        return self._submit(self._copy_range, src_fd, offset, length, digest)
 
     def finish(self) -> None:
         """Wait for every queued write; raise the first failure."""
         while self._queued:
             self._queued.popleft().result()
+
+    def _copy_range(self, src_fd: int, offset: int, length: int, digest: hashlib._Hash | None) -> None:
+        """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the end of the file, in chunks through one
+        reused buffer, feeding them to ``digest`` too when given."""
+        if self._chunk is None:
+            self._chunk = memoryview(bytearray(COPY_CHUNK))
+        end = offset + length
+        while offset < end:
+            count = os.preadv(src_fd, [self._chunk[: min(COPY_CHUNK, end - offset)]], offset)
+            if count == 0:
+                raise InvalidModel(f"unexpected end of file at offset {offset} (was the file changed?)")
+            chunk = self._chunk[:count]
+            if digest is not None:
+                digest.update(chunk)
+            self._dst.write(chunk)
+            offset += count
 
     def _submit(self, function: Callable[..., object], *args: object) -> Future[object]:
         while self._queued and self._queued[0].done():
@@ -762,32 +1030,38 @@ class _OrderedWriter:
 
 
 class _ReadBuffers:
-    """A few buffers that changed tensors are read into, reused: a fresh allocation per tensor costs a zero
-    fill and a page fault per 4 KiB. A buffer comes back once the writer and the hasher are done with it;
-    with all of them in use, ``take`` waits for the oldest."""
+    """Buffers that changed tensors are read into, shared by the files written at once and reused: a fresh
+    allocation per tensor costs a zero fill and a page fault per 4 KiB. A buffer comes back once the writer
+    and the hasher are done with it; with all of them in use, ``take`` waits for the oldest.
 
-    COUNT = 3  # one being merged, one being written, one being hashed
+    Each file holds at most two it has not given back (one read ahead, one being merged), so one more per
+    file than that keeps every file going while its last buffer is written and hashed."""
 
-    def __init__(self, nbytes: int, writer: _OrderedWriter) -> None:
+    PER_FILE = 3
+
+    def __init__(self, nbytes: int, files_at_once: int) -> None:
         self._nbytes = nbytes
+        self._count = self.PER_FILE * files_at_once
         self._created = 0
+        self._lock = threading.Lock()
         self._in_use: deque[tuple[torch.Tensor, list[Future[Any]]]] = deque()
         self._free: list[torch.Tensor] = []
-        self._writer = writer
 
     def take(self) -> torch.Tensor:
-        if not self._free and self._created < self.COUNT:
-            self._created += 1
-            return torch.empty(self._nbytes, dtype=torch.uint8)
-        while not self._free:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            if self._created < self._count or not self._in_use:
+                self._created += 1
+                return torch.empty(self._nbytes, dtype=torch.uint8)
             buffer, uses = self._in_use.popleft()
-            for use in uses:
-                use.result()
-            self._free.append(buffer)
-        return self._free.pop()
+        for use in uses:  # outside the lock: the other files go on meanwhile
+            use.result()
+        return buffer
 
     def give_back(self, buffer: torch.Tensor, uses: Sequence[Future[Any]]) -> None:
-        self._in_use.append((buffer, list(uses)))
+        with self._lock:
+            self._in_use.append((buffer, list(uses)))
 
 
 def _read_tensor(fd: int, entry: TensorEntry, buffer: torch.Tensor | None = None) -> torch.Tensor:
@@ -812,17 +1086,6 @@ def _read_tensor(fd: int, entry: TensorEntry, buffer: torch.Tensor | None = None
 
 def _digest_job(dtype: str, shape: tuple[int, ...], data: memoryview) -> TensorInfo:
     return TensorInfo(dtype, shape, tensor_digest(dtype, shape, data))
-
-
-def _copy_range(src_fd: int, dst: BinaryIO, offset: int, length: int) -> None:
-    """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the end of ``dst``, in bounded chunks."""
-    end = offset + length
-    while offset < end:
-        chunk = os.pread(src_fd, min(COPY_CHUNK, end - offset), offset)
-        if not chunk:
-            raise InvalidModel(f"unexpected end of file at offset {offset} (was the file changed?)")
-        dst.write(chunk)
-        offset += len(chunk)
 
 
 # --------------------------------------------------------------------------------------------------

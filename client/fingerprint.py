@@ -81,9 +81,15 @@ def is_fingerprint(text: str) -> bool:
 
 def tensor_digest(dtype: str, shape: Sequence[int], data: Any) -> str:
     """The tensor digest of ``data`` (a bytes-like object holding the raw little-endian tensor bytes)."""
-    hasher = hashlib.sha256(_tensor_line(dtype, shape))
+    hasher = tensor_hasher(dtype, shape)
     hasher.update(data)
     return hasher.hexdigest()
+
+
+def tensor_hasher(dtype: str, shape: Sequence[int]) -> hashlib._Hash:
+    """A sha256 that has taken the tensor line: fed the tensor's bytes (in pieces if need be), its
+    ``hexdigest()`` is the tensor digest."""
+    return hashlib.sha256(_tensor_line(dtype, shape))
 
 
 def _tensor_line(dtype: str, shape: Sequence[int]) -> bytes:
@@ -116,7 +122,8 @@ def _check_name(name: str) -> None:
         raise InvalidModel(f"tensor name {name!r} is not valid Unicode") from None
 
 
-def _fingerprint_of(tensors: Mapping[str, TensorInfo]) -> ModelFingerprint:
+def fingerprint_of(tensors: Mapping[str, TensorInfo]) -> ModelFingerprint:
+    """The fingerprint of a whole model's tensor digests, with the digests sorted by name."""
     value = combine(tensors)
     return ModelFingerprint(value, {name: tensors[name] for name in _sorted_names(tensors)})
 
@@ -174,7 +181,7 @@ def fingerprint_path(
     files = find_weight_files(model)
     store = _cache_to_use(cache, use_cache)
     per_file = _digests_of_files(files, store, workers)
-    return _fingerprint_of(_merge_shards(per_file))
+    return fingerprint_of(_merge_shards(per_file))
 
 
 def tensor_digests(
@@ -217,22 +224,54 @@ def _cache_to_use(cache: FingerprintCache | None, use_cache: bool) -> Fingerprin
     return cache if cache is not None else FingerprintCache.default()
 
 
+@dataclass(frozen=True)
+class CachedFiles:
+    """What a cache knows of some weight files: every file's key as it was looked up, and the tensor
+    digests of the files it holds (a file missing from ``digests`` must be hashed)."""
+
+    keys: dict[Path, FileKey]
+    digests: dict[Path, dict[str, TensorInfo]]
+
+
+def cached_file_digests(
+    files: Iterable[Path], cache: FingerprintCache | None, *, use_cache: bool = True
+) -> CachedFiles:
+    """Look every file up in ``cache`` (``FingerprintCache.default()`` when not given; none at all unless
+    ``use_cache``). The keys are taken now, before any hashing: see ``remember_file_digests``."""
+    store = _cache_to_use(cache, use_cache)
+    keys = {path: FileKey.of(path) for path in files}
+    digests = {}
+    for path, key in keys.items():
+        cached = store.get(key) if store is not None else None
+        if cached is not None:
+            digests[path] = cached
+    return CachedFiles(keys, digests)
+
+
+def remember_file_digests(
+    cache: FingerprintCache | None,
+    path: Path,
+    key: FileKey,
+    tensors: Mapping[str, TensorInfo],
+    *,
+    use_cache: bool = True,
+) -> None:
+    """Cache the digests of every tensor of ``path``, hashed from the file ``key`` described before the
+    hashing began. A file that changed since is not cached: its digests may mix two versions."""
+    store = _cache_to_use(cache, use_cache)
+    if store is not None and FileKey.of(path) == key:
+        store.put(key, tensors)
+
+
 def _digests_of_files(
     files: list[Path], cache: FingerprintCache | None, workers: int | None
 ) -> dict[Path, dict[str, TensorInfo]]:
-    per_file: dict[Path, dict[str, TensorInfo]] = {}
-    keys = {path: FileKey.of(path) for path in files}
-    for path in files:
-        cached = cache.get(keys[path]) if cache is not None else None
-        if cached is not None:
-            per_file[path] = cached
-    missing = [path for path in files if path not in per_file]
-    hashed = _hash_files(missing, workers)
+    known = cached_file_digests(files, cache, use_cache=cache is not None)
+    per_file = dict(known.digests)
+    hashed = _hash_files([path for path in files if path not in per_file], workers)
     for path, tensors in hashed.items():
         per_file[path] = tensors
-        # A file that changed while we hashed it is not cached: its digests may mix two versions.
-        if cache is not None and FileKey.of(path) == keys[path]:
-            cache.put(keys[path], tensors)
+        remember_file_digests(cache, path, known.keys[path], tensors, use_cache=cache is not None)
     return {path: per_file[path] for path in files}
 
 
@@ -469,7 +508,7 @@ def fingerprint_state_dict(
     """The fingerprint of an in-memory state dict; tied weights count once, under their first name."""
     untied = _untie(state)
     jobs = [_tensor_job(name, tensor) for name, tensor in untied.items()]
-    return _fingerprint_of(_run_largest_first(jobs, workers))
+    return fingerprint_of(_run_largest_first(jobs, workers))
 
 
 def tensor_digests_of_state_dict(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from deltareg.client.apply import (
     merge_lora_into,
 )
 from deltareg.client.errors import BaseMismatch, InvalidAdapter, InvalidInput, InvalidManifest
-from deltareg.client.fingerprint import fingerprint_path
+from deltareg.client.fingerprint import FileKey, FingerprintCache, fingerprint_path
 from deltareg.client.manifest import Manifest
 from deltareg.client.weights import find_weight_files, read_header_file
 
@@ -457,6 +458,141 @@ def test_touched_needs_recorded_tensor_digests(
     manifest = lora_manifest(fp32_adapter, fp32_base, with_tensors=False)
     with pytest.raises(InvalidManifest, match="use verify='full'"):
         apply_to_module(load(fp32_base), fp32_adapter, manifest, verify="touched")
+
+
+# --------------------------------------------------------------------------------------------------
+# file to file: the base is checked on the bytes the pass reads, not in a pass of its own
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tiny_llama: Callable[..., Path]) -> Path:
+    return tiny_llama(dtype="float32", sharded=True)  # >= 3 shards: several files are written at once
+
+
+@pytest.fixture(scope="module")
+def sharded_adapter(sharded_base: Path, lora_adapter: Callable[..., Path]) -> Path:
+    return lora_adapter(sharded_base, **ADAPTERS["plain"])
+
+
+@pytest.fixture(scope="module")
+def sharded_manifest(
+    sharded_adapter: Path, sharded_base: Path, lora_manifest: Callable[..., Manifest]
+) -> Manifest:
+    return lora_manifest(sharded_adapter, sharded_base)
+
+
+def _shard_with(base: Path, name: str) -> Path:
+    return next(path for path in find_weight_files(base) if name in read_header_file(path).tensors)
+
+
+def _nudged_copy(base: Path, copy_folder: Callable[[Path], Path], name: str) -> Path:
+    """A copy of ``base`` whose tensor ``name`` is one ulp off in one element, in the shard holding it."""
+    copied = copy_folder(base)
+    path = _shard_with(copied, name)
+    with safe_open(path, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open API)
+        metadata = handle.metadata()
+    _nudge(tensors[name])
+    save_file(tensors, path, metadata=metadata)
+    return copied
+
+
+def _cache_all_but(cache: FingerprintCache, base: Path, uncached: Path) -> None:
+    for shard in find_weight_files(base):
+        if shard != uncached:
+            cache.put(FileKey.of(shard), fingerprint_path(shard, use_cache=False).tensors)
+
+
+def test_a_first_apply_hashes_the_base_as_it_reads_it_and_caches_it(
+    sharded_base: Path, sharded_adapter: Path, sharded_manifest: Manifest, tmp_path: Path
+) -> None:
+    shards = find_weight_files(sharded_base)
+    cache = FingerprintCache(tmp_path / "cache")
+    first = apply_files(sharded_base, sharded_adapter, sharded_manifest, tmp_path / "one", cache=cache)
+    assert (cache.hits, cache.misses) == (0, len(shards))  # nothing was known: every file hashed in the pass
+    whole = fingerprint_path(sharded_base, use_cache=False).tensors
+    for shard in shards:  # the digests the pass took are the files' own
+        assert cache.get(FileKey.of(shard)) == {n: whole[n] for n in read_header_file(shard).tensors}
+
+    again = FingerprintCache(tmp_path / "cache")
+    second = apply_files(sharded_base, sharded_adapter, sharded_manifest, tmp_path / "two", cache=again)
+    assert (again.hits, again.misses) == (len(shards), 0)
+    assert (
+        first.fingerprint == second.fingerprint == fingerprint_path(tmp_path / "one", use_cache=False).value
+    )
+
+
+@pytest.mark.parametrize("verify", ["full", "touched"])
+def test_a_partly_cached_base_is_hashed_only_where_the_cache_does_not_know_it(
+    sharded_base: Path, sharded_adapter: Path, sharded_manifest: Manifest, tmp_path: Path, verify: Any
+) -> None:
+    uncached = _shard_with(sharded_base, Q0)
+    cache = FingerprintCache(tmp_path / "cache")
+    _cache_all_but(cache, sharded_base, uncached)
+    result = apply_files(
+        sharded_base, sharded_adapter, sharded_manifest, tmp_path / "out", verify=verify, cache=cache
+    )
+    assert (cache.hits, cache.misses) == (len(find_weight_files(sharded_base)) - 1, 1)
+    if verify == "full":  # a whole file was hashed: it is cached now, and the result fingerprint is right
+        assert cache.get(FileKey.of(uncached)) is not None
+        assert result.fingerprint == fingerprint_path(tmp_path / "out", use_cache=False).value
+    else:  # only its touched tensors were hashed: not enough for a cache entry, nor for the fingerprint
+        assert cache.get(FileKey.of(uncached)) is None
+        assert result.fingerprint is None
+
+
+@pytest.mark.parametrize("cached_elsewhere", [False, True])
+def test_a_differing_untouched_tensor_is_found_by_the_pass_and_leaves_nothing(
+    sharded_base: Path,
+    sharded_adapter: Path,
+    sharded_manifest: Manifest,
+    copy_folder: Callable[[Path], Path],
+    cached_elsewhere: bool,
+) -> None:
+    assert (
+        K0 not in sharded_manifest.base.tensors
+    )  # k_proj is not a target: only the whole fingerprint sees it
+    base = _nudged_copy(sharded_base, copy_folder, K0)
+    cache = FingerprintCache(base.parent / "cache")
+    if cached_elsewhere:
+        _cache_all_but(cache, base, _shard_with(base, K0))
+    out = base.parent / "out"
+    with pytest.raises(BaseMismatch, match="wrong base model: its fingerprint is"):
+        apply_files(base, sharded_adapter, sharded_manifest, out, cache=cache)
+    assert not out.exists()
+    assert not [p for p in base.parent.iterdir() if p.name.startswith(".out.tmp")]
+
+
+@pytest.mark.parametrize("verify", ["full", "touched"])
+def test_a_differing_touched_tensor_stops_the_pass_where_it_is_read(
+    sharded_base: Path,
+    sharded_adapter: Path,
+    sharded_manifest: Manifest,
+    copy_folder: Callable[[Path], Path],
+    verify: Any,
+) -> None:
+    # A target in the last shard that holds one: the other files are being written meanwhile.
+    last = [
+        s
+        for s in find_weight_files(sharded_base)
+        if set(read_header_file(s).tensors) & set(sharded_manifest.base.tensors)
+    ][-1]
+    name = sorted(set(read_header_file(last).tensors) & set(sharded_manifest.base.tensors))[0]
+    base = _nudged_copy(sharded_base, copy_folder, name)
+    out = base.parent / "out"
+    with pytest.raises(
+        BaseMismatch, match=rf"its tensor {re.escape(name)}, which this delta changes, differs"
+    ):
+        apply_files(
+            base,
+            sharded_adapter,
+            sharded_manifest,
+            out,
+            verify=verify,
+            cache=FingerprintCache(base.parent / "c"),
+        )
+    assert not out.exists()
+    assert not [p for p in base.parent.iterdir() if p.name.startswith(".out.tmp")]
 
 
 # --------------------------------------------------------------------------------------------------
