@@ -40,7 +40,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -698,12 +698,16 @@ class _Stopped(Exception):
 
 
 def _first_failure(jobs: Sequence[tuple[Future[None], object]], stop: threading.Event) -> None:
-    """Wait for every file; on the first failure (or an interrupt), stop the others and raise it."""
+    """Wait for every file; on the first failure (or an interrupt), stop the others and raise it.
+
+    A file can fail as a consequence of another's failure (a buffer it waits for was in the failed file's
+    cancelled writes), so the cause is raised in preference to those."""
     try:
         done, _ = wait([job for job, _ in jobs], return_when=FIRST_EXCEPTION)
-        for job, _ in jobs:
-            if job in done and job.exception() is not None:
-                job.result()
+        errors = [error for job, _ in jobs if job in done and (error := job.exception()) is not None]
+        causes = [error for error in errors if not isinstance(error, _Stopped | CancelledError)]
+        if errors:
+            raise (causes or errors)[0]
     except BaseException:
         stop.set()
         raise
