@@ -21,8 +21,15 @@ A route's time is measured inside its child, from after its imports to the outpu
 either); the child's whole life (interpreter start, imports) is shown beside it. The base stays in the page
 cache (both routes read it warm); ``sync`` runs between runs, outside the timings. Routes are interleaved,
 ``--runs`` rounds, medians. Every deltareg output of round 1 is compared with PEFT's tensor by tensor
-(safetensors, bit for bit). The memory bandwidth (a 1 GiB torch copy: bytes read + written per second) is
-measured in the same run; a route's GB/s is the bytes it must move (``bytes_moved``) over its median.
+(safetensors, bit for bit).
+
+Every route's timed part starts ``--settle`` seconds after the last output was deleted (the child waits
+after its imports). The VMs this was measured on hand freed memory back to their host within seconds, and
+writing into pages handed back costs up to ten times more than into pages freed a moment ago, so a route
+that started sooner after a deletion (deltareg imports faster than PEFT) would be favoured.
+
+The memory bandwidth (a 1 GiB torch copy: bytes read + written per second) is measured in the same run;
+a route's GB/s is the bytes it must move (``bytes_moved``) over its median.
 
     .venv/bin/python bench/bench_apply_files.py --runs 5                       # ~1.1B, 500 MB shards
     .venv/bin/python bench/bench_apply_files.py --model tiny --shard-mb 2 --runs 2   # smoke run
@@ -72,7 +79,7 @@ ROUTES = [PEFT, *DELTAREG_ROUTES, FLOOR]
 @dataclass(frozen=True)
 class Run:
     seconds: float  # the route itself, measured in the child after its imports
-    process_seconds: float  # the child's whole life, measured by the parent
+    process_seconds: float  # the child's whole life but its wait for --settle, measured by the parent
     peak_rss: int  # bytes, the child's VmHWM at its end
     rss_after_imports: int  # bytes, the child's VmRSS before the route started
 
@@ -99,8 +106,12 @@ def parse_args() -> argparse.Namespace:
     for name in ("base", "adapter", "manifest", "out", "cache"):
         child.add_argument(f"--{name}", type=Path, required=True)
     child.add_argument("--save-shard-mb", type=int, required=True)
+    child.add_argument("--start-at", type=float, default=0.0, help="time.time() at which to start timing")
     add_shape_arguments(parser)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--settle", type=float, default=8.0, help="seconds from the last deletion to each route's start"
+    )
     parser.add_argument("--shard-mb", type=int, default=500, help="max shard size of the saved base")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder in /tmp")
     add_json_out_argument(parser)
@@ -118,6 +129,13 @@ def _status_bytes(field: str) -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
+def _wait_until(start_at: float) -> float:
+    """Sleep until ``start_at`` (a time.time()); return the seconds slept."""
+    waited = max(0.0, start_at - time.time())
+    time.sleep(waited)
+    return waited
+
+
 def run_child(args: argparse.Namespace) -> None:
     if args.route == PEFT:
         import torch
@@ -125,11 +143,13 @@ def run_child(args: argparse.Namespace) -> None:
         from transformers import AutoModelForCausalLM
 
         quiet_transformers()
+        waited = _wait_until(args.start_at)
         rss, start = _status_bytes("VmRSS"), time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.bfloat16)
         merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
         merged.save_pretrained(args.out, max_shard_size=f"{args.save_shard_mb}MB")
     elif args.route == FLOOR:
+        waited = _wait_until(args.start_at)
         rss, start = _status_bytes("VmRSS"), time.perf_counter()
         shutil.copytree(args.base, args.out)
     else:
@@ -139,12 +159,14 @@ def run_child(args: argparse.Namespace) -> None:
 
         manifest = Manifest.parse(json.loads(args.manifest.read_text()))
         verify = "touched" if args.route == TOUCHED_COLD else "full"
+        waited = _wait_until(args.start_at)
         rss, start = _status_bytes("VmRSS"), time.perf_counter()
         apply_files(
             args.base, args.adapter, manifest, args.out, verify=verify, cache=FingerprintCache(args.cache)
         )
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "rss_after_imports": rss, "peak_rss": _status_bytes("VmHWM")}))
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"seconds": seconds, "rss_after_imports": rss, "peak_rss": peak, "waited": waited}))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,7 +208,7 @@ def prepare(args: argparse.Namespace, work: Path) -> Workload:
     return workload
 
 
-def run_route(route: str, workload: Workload, out: Path, cache: Path, shard_mb: int) -> Run:
+def run_route(route: str, workload: Workload, out: Path, cache: Path, shard_mb: int, start_at: float) -> Run:
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -198,16 +220,17 @@ def run_route(route: str, workload: Workload, out: Path, cache: Path, shard_mb: 
         f"--out={out}",
         f"--cache={cache}",
         f"--save-shard-mb={shard_mb}",
+        f"--start-at={start_at}",
     ]
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     output = child.stdout.read()
     child.wait()
-    process_seconds = time.perf_counter() - start
     if child.returncode != 0:
         raise SystemExit(f"{route} failed with exit code {child.returncode}")
     result = json.loads(output.strip().splitlines()[-1])
+    process_seconds = time.perf_counter() - start - result["waited"]  # the child's life, not its wait
     return Run(result["seconds"], process_seconds, result["peak_rss"], result["rss_after_imports"])
 
 
@@ -280,7 +303,7 @@ def main() -> None:
                     workload.warm_cache if route == FULL_WARM else work / f"cold-cache-{ROUTES.index(route)}"
                 )
                 os.sync()
-                run = run_route(route, workload, out, cache, args.shard_mb)
+                run = run_route(route, workload, out, cache, args.shard_mb, time.time() + args.settle)
                 runs[route].append(run)
                 print(
                     f"  run {number}/{args.runs} {route}: {run.seconds:.2f} s "
