@@ -539,10 +539,8 @@ def apply_steps_files(
             )
         return written, result
 
-    try:
-        written, result = write_atomically(output, write)
-    finally:
-        release_scratch()
+    # The merges run on _write_model's file threads: their scratch buffers go when those threads end.
+    written, result = write_atomically(output, write)
     return ApplyResult(output=output, tensors_changed=len(merges), files_written=written, fingerprint=result)
 
 
