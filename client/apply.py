@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -92,7 +92,7 @@ from deltareg.client.lora import (
     targets_from_params,
 )
 from deltareg.client.manifest import PICKLE_SUFFIXES, BaseConfig, Manifest
-from deltareg.client.outputs import refuse_existing_output, write_atomically
+from deltareg.client.outputs import OutputFile, refuse_existing_output, write_atomically
 from deltareg.client.weights import (
     SafetensorsHeader,
     TensorEntry,
@@ -105,13 +105,6 @@ from deltareg.client.weights import (
 
 VerifyMode = Literal["full", "touched"]
 VERIFY_MODES: tuple[VerifyMode, ...] = ("full", "touched")
-COPY_CHUNK = 8 << 20  # untouched tensors are copied in chunks of this size, through one reused buffer
-# The most one write() call hands the kernel. A larger write lets the filesystem put it in page-cache
-# folios of 2 MiB or more, and on VMs that report free memory to their host (free page reporting works on
-# 2 MiB blocks) those are the blocks handed back, so each costs the host a fault per page: on the 2-core
-# bench VM, 494 MB written in 2 MiB calls took 4.6 s, in 1 MiB calls 0.22 s. On other machines 1 MiB
-# calls cost nothing measurable over larger ones.
-WRITE_CHUNK = 1 << 20
 # Weight files written at once. A file's writes take its inode's lock one at a time, so with one file at
 # a time its single writer thread bounds the whole apply where page-cache writes are slow; two files keep
 # two writers busy (2-core VM, 1.1B model in 5 shards, 4 interleaved runs each: medians 4.9 -> 4.4 s with a
@@ -834,7 +827,7 @@ def _write_weight_file(
     if sys.byteorder != "little":  # safetensors is little-endian; torch's memory here would not be
         raise InvalidInput("applying to safetensors files needs a little-endian machine")
     new_header = None if layout == _layout_of(header) else encode_header(layout, header.metadata)
-    with open(source, "rb") as src, open(destination, "wb") as dst, _OrderedWriter(dst) as writer:
+    with open(source, "rb") as src, OutputFile(destination) as dst, _OrderedWriter(dst) as writer:
         if new_header is None:
             writer.copy(src.fileno(), 0, header.data_start)
         else:
@@ -846,7 +839,7 @@ def _write_weight_file(
             tensors.add(name, dtype, shape)
         tensors.flush()
         writer.finish()
-        size = dst.tell()
+        size = dst.size
     expected = header.data_start if new_header is None else len(new_header)
     expected += sum(tensor_nbytes(dtype, shape) for _, dtype, shape in layout)
     if size != expected:
@@ -989,11 +982,10 @@ class _OrderedWriter:
     """Appends to ``dst`` on one thread, in submission order; the first failure is raised by the next call
     (or by ``finish``), and a failure on the caller's side cancels what is still queued."""
 
-    def __init__(self, dst: BinaryIO) -> None:
+    def __init__(self, dst: OutputFile) -> None:
         self._dst = dst
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltareg-writer")
         self._queued: deque[Future[object]] = deque()
-        self._chunk: memoryview | None = None  # the copies' buffer, used by the writer thread only
 
     def __enter__(self) -> _OrderedWriter:
         return self
@@ -1002,38 +994,18 @@ class _OrderedWriter:
         self._thread.shutdown(wait=True, cancel_futures=exc_type is not None)
 
     def write(self, data: memoryview) -> Future[object]:
-        return self._submit(self._write_all, data)
+        return self._submit(self._dst.write, data)
 
     def copy(
         self, src_fd: int, offset: int, length: int, digest: hashlib._Hash | None = None
     ) -> Future[object]:
-        return self._submit(self._copy_range, src_fd, offset, length, digest)
+        """Copy ``length`` bytes at ``offset`` of ``src_fd``, feeding them to ``digest`` too when given."""
+        return self._submit(self._dst.copy_from, src_fd, offset, length, digest)
 
     def finish(self) -> None:
         """Wait for every queued write; raise the first failure."""
         while self._queued:
             self._queued.popleft().result()
-
-    def _copy_range(self, src_fd: int, offset: int, length: int, digest: hashlib._Hash | None) -> None:
-        """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the end of the file, in chunks through one
-        reused buffer, feeding them to ``digest`` too when given."""
-        if self._chunk is None:
-            self._chunk = memoryview(bytearray(COPY_CHUNK))
-        end = offset + length
-        while offset < end:
-            count = os.preadv(src_fd, [self._chunk[: min(COPY_CHUNK, end - offset)]], offset)
-            if count == 0:
-                raise InvalidModel(f"unexpected end of file at offset {offset} (was the file changed?)")
-            chunk = self._chunk[:count]
-            if digest is not None:
-                digest.update(chunk)
-            self._write_all(chunk)
-            offset += count
-
-    def _write_all(self, data: memoryview) -> None:
-        """Write ``data`` in calls of at most ``WRITE_CHUNK`` bytes (see there why)."""
-        for start in range(0, len(data), WRITE_CHUNK):
-            self._dst.write(data[start : start + WRITE_CHUNK])
 
     def _submit(self, function: Callable[..., object], *args: object) -> Future[object]:
         while self._queued and self._queued[0].done():

@@ -1,0 +1,184 @@
+"""OutputFile (O_DIRECT with a staging buffer, or the page cache) and write_atomically's flush to disk.
+
+Real files on the test's own filesystem; the only stand-ins are OS calls made to fail or recorded
+(``os.open``/``os.write`` refusing O_DIRECT as some filesystems do, ``os.fsync`` observed)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deltareg.client.outputs import DIRECT_ALIGN, STAGE_BYTES, OutputFile, write_atomically
+
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+needs_o_direct = pytest.mark.skipif(not O_DIRECT, reason="O_DIRECT is Linux only")
+
+# Appends of awkward sizes: empty, around the alignment, around and over a whole stage.
+SIZES = [0, 1, DIRECT_ALIGN - 1, DIRECT_ALIGN, DIRECT_ALIGN + 1, STAGE_BYTES - 3, 7, STAGE_BYTES + 5, 123_457]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "source.bin"
+    path.write_bytes(random.Random(5).randbytes(2 * STAGE_BYTES + 999))
+    return path
+
+
+def _append_mixed(out: OutputFile, source: Path) -> tuple[bytes, list[tuple[str, str]]]:
+    """Append SIZES pieces, alternately from memory and copied from ``source``; return the bytes expected
+    and (digest of each copy, expected digest)."""
+    data = source.read_bytes()
+    expected, digests = bytearray(), []
+    rng = random.Random(11)
+    with open(source, "rb") as src:
+        for number, size in enumerate(SIZES):
+            offset = rng.randrange(0, len(data) - size + 1)
+            piece = data[offset : offset + size]
+            if number % 2:
+                digest = hashlib.sha256()
+                out.copy_from(src.fileno(), offset, size, digest)
+                digests.append((digest.hexdigest(), hashlib.sha256(piece).hexdigest()))
+            else:
+                out.write(memoryview(bytes(piece)))
+            expected += piece
+    return bytes(expected), digests
+
+
+@needs_o_direct
+def test_o_direct_output_has_exactly_the_bytes_appended(tmp_path: Path, source: Path) -> None:
+    path = tmp_path / "out.bin"
+    with OutputFile(path) as out:
+        assert out.direct, "this filesystem refused O_DIRECT; the apply tests would not exercise it"
+        expected, digests = _append_mixed(out, source)
+        assert out.size == len(expected)
+        assert out.direct  # no write fell back
+    assert path.read_bytes() == expected  # the padded last stage was cut back to the size
+    assert all(got == want for got, want in digests)
+
+
+def test_page_cache_output_has_exactly_the_bytes_appended(tmp_path: Path, source: Path) -> None:
+    path = tmp_path / "out.bin"
+    with OutputFile(path, direct=False) as out:
+        assert not out.direct
+        expected, digests = _append_mixed(out, source)
+    assert path.read_bytes() == expected
+    assert all(got == want for got, want in digests)
+
+
+@needs_o_direct
+def test_a_filesystem_refusing_o_direct_at_open_gets_the_page_cache(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def refusing_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")  # as tmpfs before Linux 6.6
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    path = tmp_path / "out.bin"
+    with OutputFile(path) as out:
+        assert not out.direct
+        expected, _ = _append_mixed(out, source)
+    monkeypatch.undo()
+    assert path.read_bytes() == expected
+
+
+@needs_o_direct
+def test_a_filesystem_refusing_o_direct_writes_midway_loses_nothing(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some filesystems take O_DIRECT at open and refuse it at the first write: the file goes on through
+    the page cache from where it was, the bytes already written direct kept."""
+    import fcntl
+
+    real_write = os.write
+    direct_writes = []
+
+    def refusing_after_one(fd: int, data: Any) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+            direct_writes.append(len(data))
+            if len(direct_writes) > 1:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing_after_one)
+    path = tmp_path / "out.bin"
+    with OutputFile(path) as out:
+        expected, _ = _append_mixed(out, source)
+        assert not out.direct
+    monkeypatch.undo()
+    assert direct_writes[0] == STAGE_BYTES  # one whole stage went direct before the refusal
+    assert path.read_bytes() == expected
+
+
+@needs_o_direct
+def test_a_failure_while_writing_does_not_write_what_is_staged(tmp_path: Path) -> None:
+    """The file is about to be removed: flushing the stage would only waste time (or, after a failed
+    write, raise again over the real error)."""
+    path = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError, match="the apply failed"), OutputFile(path) as out:
+        out.write(memoryview(b"x" * 100))
+        raise RuntimeError("the apply failed")
+    assert path.stat().st_size == 0
+    with OutputFile(tmp_path / "ok.bin") as out:
+        out.write(memoryview(b"x" * 100))
+    assert (tmp_path / "ok.bin").read_bytes() == b"x" * 100
+
+
+def test_copy_from_a_file_that_ends_early_is_an_error(tmp_path: Path, source: Path) -> None:
+    with OutputFile(tmp_path / "out.bin") as out, open(source, "rb") as src:
+        size = source.stat().st_size
+        with pytest.raises(Exception, match="unexpected end of file"):
+            out.copy_from(src.fileno(), size - 10, 20)
+
+
+def _fsync_recorder(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record what is fsynced (as the path of the descriptor) and when the rename happens."""
+    events: list[str] = []
+    real_fsync: Callable[[int], None] = os.fsync
+    real_rename = Path.rename
+
+    def fsync(fd: int) -> None:
+        events.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def rename(self: Path, target: Any) -> Path:
+        events.append(f"rename {self} -> {target}")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "rename", rename)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name descriptors")
+def test_write_atomically_flushes_every_file_and_folder_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = _fsync_recorder(monkeypatch)
+    output = tmp_path / "parent" / "model"
+    temps: list[Path] = []
+
+    def write(temp: Path) -> None:
+        temps.append(temp)
+        (temp / "sub").mkdir()
+        (temp / "a.safetensors").write_bytes(b"a" * 5000)
+        (temp / "sub" / "b.json").write_text("{}")
+
+    write_atomically(output, write)
+    renames = [i for i, event in enumerate(events) if event.startswith("rename")]
+    assert len(renames) == 1
+    before, after = set(events[: renames[0]]), events[renames[0] + 1 :]
+    temp = temps[0]
+    assert before == {str(temp / "a.safetensors"), str(temp / "sub" / "b.json"), str(temp / "sub"), str(temp)}
+    assert after == [str(output.parent)]  # the rename itself reaches the disk
+    assert (output / "sub" / "b.json").read_text() == "{}"
