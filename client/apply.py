@@ -92,7 +92,13 @@ from deltareg.client.lora import (
     targets_from_params,
 )
 from deltareg.client.manifest import PICKLE_SUFFIXES, BaseConfig, Manifest
-from deltareg.client.outputs import OutputFile, refuse_existing_output, write_atomically
+from deltareg.client.outputs import (
+    DIRECT_ALIGN,
+    OutputFile,
+    aligned_offset,
+    refuse_existing_output,
+    write_atomically,
+)
 from deltareg.client.weights import (
     SafetensorsHeader,
     TensorEntry,
@@ -833,10 +839,12 @@ def _write_weight_file(
         else:
             writer.write(memoryview(new_header))
         tensors = _TensorPass(src.fileno(), header, merges, writer, hashing, buffers)
+        offset = header.data_start if new_header is None else len(new_header)
         for name, dtype, shape in layout:  # in offset order: the file is written sequentially
             if stop.is_set():
                 raise _Stopped
-            tensors.add(name, dtype, shape)
+            tensors.add(name, dtype, shape, offset)
+            offset += tensor_nbytes(dtype, shape)
         tensors.flush()
         writer.finish()
         size = dst.size
@@ -883,11 +891,12 @@ class _TensorPass:
         self._queue: deque[_Read | str] = deque()  # a name alone: an untouched tensor
         self._reads_queued = 0
 
-    def add(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    def add(self, name: str, dtype: str, shape: tuple[int, ...], offset: int) -> None:
+        """Queue the tensor that goes at ``offset`` of the output."""
         if name not in self._merges:
             self._queue.append(name)
         else:
-            self._queue.append(self._read(name, dtype, shape))
+            self._queue.append(self._read(name, dtype, shape, offset))
             self._reads_queued += 1
         self.flush(keep=1)
 
@@ -902,13 +911,19 @@ class _TensorPass:
                 self._reads_queued -= 1
                 self._merge_and_write(item)
 
-    def _read(self, name: str, dtype: str, shape: tuple[int, ...]) -> _Read:
+    def _read(self, name: str, dtype: str, shape: tuple[int, ...], offset: int) -> _Read:
+        """Read a changed tensor where its merged bytes (merged in place) can go to the output without a
+        copy (``aligned_offset``)."""
         buffer = self._buffers.take()
         stored = self._header.tensors.get(name)  # None: a tensor the delta adds
         if stored is None:
             return _Read(name, dtype, shape, buffer, None)
-        weight = _read_tensor(self._src_fd, stored, buffer)
-        self._hashing.read(name, stored, buffer[: stored.nbytes].numpy().data)
+        shift = aligned_offset(buffer.data_ptr(), offset)
+        if shift % torch_dtype(stored.dtype).itemsize:  # torch needs whole elements: copy instead
+            shift = 0
+        raw = buffer[shift:]
+        weight = _read_tensor(self._src_fd, stored, raw)
+        self._hashing.read(name, stored, raw[: stored.nbytes].numpy().data)
         return _Read(name, dtype, shape, buffer, weight)
 
     def _merge_and_write(self, item: _Read) -> None:
@@ -1039,7 +1054,7 @@ class _ReadBuffers:
                 return self._free.pop()
             if self._created < self._count or not self._in_use:
                 self._created += 1
-                return torch.empty(self._nbytes, dtype=torch.uint8)
+                return torch.empty(self._nbytes + DIRECT_ALIGN, dtype=torch.uint8)  # room to align
             buffer, uses = self._in_use.popleft()
         for use in uses:  # outside the lock: the other files go on meanwhile
             use.result()

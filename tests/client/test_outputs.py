@@ -5,6 +5,7 @@ Real files on the test's own filesystem; the only stand-ins are OS calls made to
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -15,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from deltareg.client.outputs import DIRECT_ALIGN, STAGE_BYTES, OutputFile, write_atomically
+from deltareg.client.outputs import (
+    DIRECT_ALIGN,
+    DIRECT_FROM,
+    STAGE_BYTES,
+    OutputFile,
+    aligned_offset,
+    write_atomically,
+)
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 needs_o_direct = pytest.mark.skipif(not O_DIRECT, reason="O_DIRECT is Linux only")
@@ -61,6 +69,51 @@ def test_o_direct_output_has_exactly_the_bytes_appended(tmp_path: Path, source: 
         assert out.direct  # no write fell back
     assert path.read_bytes() == expected  # the padded last stage was cut back to the size
     assert all(got == want for got, want in digests)
+
+
+def _placed(data: bytes, file_offset: int) -> memoryview:
+    """``data`` in memory at the same offset modulo DIRECT_ALIGN as ``file_offset``."""
+    room = bytearray(len(data) + DIRECT_ALIGN)
+    anchor = ctypes.c_char.from_buffer(room)
+    shift = aligned_offset(ctypes.addressof(anchor), file_offset)
+    del anchor
+    room[shift : shift + len(data)] = data
+    return memoryview(room)[shift : shift + len(data)]
+
+
+@needs_o_direct
+def test_pieces_placed_like_the_file_go_to_the_disk_without_a_copy(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What apply does with merged tensors: read where they will lie in the file, they are written from
+    there (all but their unaligned ends), and the file is the same as if they had been staged."""
+    real_write = os.write
+    writes: list[int] = []
+
+    def recording_write(fd: int, data: Any) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", recording_write)
+    rng = random.Random(3)
+    path = tmp_path / "out.bin"
+    expected = bytearray()
+    with OutputFile(path) as out, open(source, "rb") as src:
+        for size in (5, 3 * DIRECT_FROM + 77, 2 * STAGE_BYTES + 1, DIRECT_FROM + DIRECT_ALIGN):
+            piece = rng.randbytes(size)
+            out.write(_placed(piece, out.size))
+            expected += piece
+            out.copy_from(src.fileno(), 10, 999)
+            expected += source.read_bytes()[10:1009]
+        unplaced = rng.randbytes(DIRECT_FROM * 2)
+        out.write(memoryview(unplaced))  # not placed: staged, as before
+        expected += unplaced
+    monkeypatch.undo()
+    assert path.read_bytes() == bytes(expected)
+    # the first placed piece's aligned middle went as one write of its own
+    head = -5 % DIRECT_ALIGN
+    assert (3 * DIRECT_FROM + 77 - head) // DIRECT_ALIGN * DIRECT_ALIGN in writes
+    assert all(size % DIRECT_ALIGN == 0 for size in writes)
 
 
 def test_page_cache_output_has_exactly_the_bytes_appended(tmp_path: Path, source: Path) -> None:
