@@ -14,14 +14,17 @@ parent's high-water mark at fork over into the child's):
   deltareg full, warm     the same with the base's fingerprint already cached (any later apply to it)
   deltareg touched, cold  verify="touched", empty cache (only the changed tensors are hashed)
   copy of the base        shutil.copytree(base, out): no merge, no hash, just the output's bytes written
-  (floor)                 (in-kernel copies): what any route must pay at least. On VMs that hand free
-                          memory back to the host, writing into fresh page-cache pages dominates it.
+  (floor)                 through the page cache (in-kernel copies): the least a route that writes through
+                          the page cache pays. deltareg writes with O_DIRECT where it can, so on VMs that
+                          hand free memory back to the host (where fresh page-cache pages dominate the
+                          copy) it can beat this "floor".
 
-A route's time is measured inside its child, from after its imports to the output written (no fsync for
-either); the child's whole life (interpreter start, imports) is shown beside it. The base stays in the page
-cache (both routes read it warm); ``sync`` runs between runs, outside the timings. Routes are interleaved,
-``--runs`` rounds, medians. Every deltareg output of round 1 is compared with PEFT's tensor by tensor
-(safetensors, bit for bit).
+A route's time is measured inside its child, from after its imports to the output written: for deltareg that
+includes flushing the output to the disk (it fsyncs before the rename), for PEFT and the copy it does not
+(their output may still be in the page cache). The child's whole life (interpreter start, imports) is shown
+beside it. The base stays in the page cache (both routes read it warm); ``sync`` runs between runs, outside
+the timings. Routes are interleaved, ``--runs`` rounds, medians. Every deltareg output of round 1 is
+compared with PEFT's tensor by tensor (safetensors, bit for bit).
 
 Every route's timed part starts ``--settle`` seconds after the last output was deleted (the child waits
 after its imports). The VMs this was measured on hand freed memory back to their host within seconds, and
