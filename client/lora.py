@@ -18,9 +18,10 @@ weights file may hold, exactly as PEFT 0.21 writes them:
   merging, so it is recorded as a replacement of ``<module>.weight``;
 * LoRA bias (``lora_bias=True``): ``<module>.lora_B.bias`` (out,), merged as ``bias += scale * lora_B.bias``;
   a base layer without a bias cannot take it (PEFT refuses to merge it too);
-* ``modules_to_save``: the full tensors of every module whose path ends with one of the listed names
-  (PEFT's plain ``str.endswith`` rule), under the original key ``<module>.<param>``; merging replaces the
-  base tensors;
+* ``modules_to_save``: the full tensors of the modules PEFT matched to the listed names, under the original
+  key ``<module>.<param>``; merging replaces the base tensors. PEFT before 0.22 matched any path ending with
+  a listed name (``"norm"`` also took every ``input_layernorm``), 0.22 only a whole last part of the path;
+  a saved tensor is accepted under either rule, so adapters from both apply as they were trained;
 * DoRA (``use_dora=True``) on linear layers (``nn.Linear``, and ``Conv1D`` with ``fan_in_fan_out``):
   ``<module>.lora_magnitude_vector`` (out,), no ``.weight`` suffix, beside every module's lora_A/B. DoRA
   on an embedding is refused by name (PEFT's ``DoraEmbeddingVariant`` is not reproduced yet).
@@ -470,7 +471,9 @@ def _modules_to_save(config: Mapping[str, Any]) -> list[str]:
 
 def _is_module_to_save(key: str, saved_modules: Sequence[str]) -> bool:
     """PEFT's rule (``utils.other._set_trainable``): a module is saved whole when its path in the PEFT model
-    ends with a listed name (plain ``str.endswith``); its tensors keep their own keys."""
+    ends with a listed name; its tensors keep their own keys. Before 0.22 PEFT took any such path (plain
+    ``str.endswith``), since then only one ending on a ``.`` boundary (``_is_valid_match``); the plain rule
+    takes both, and PEFT saved only the tensors it matched."""
     parts = key.split(".")
     modules = (".".join(parts[:i]) for i in range(len(KEY_PREFIX.split(".")), len(parts)))
     return any(module.endswith(tuple(saved_modules)) for module in modules) if saved_modules else False

@@ -4,6 +4,7 @@ refusals that leave everything untouched. Adapters are made with real PEFT on ti
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -341,7 +342,8 @@ def test_lora_bias_disagreeing_with_the_config_is_refused(
 
 
 def test_modules_to_save_params(tiny_llama: Callable[..., Path], lora_adapter: Callable[..., Path]) -> None:
-    adapter = lora_adapter(tiny_llama(dtype="bfloat16"), modules_to_save=("lm_head", "norm"))
+    base = tiny_llama(dtype="bfloat16")
+    adapter = lora_adapter(base, modules_to_save=("lm_head", "norm"))
     read = read_peft_adapter(adapter)
     modules = read.params()["modules"]
     assert modules["lm_head"] == {
@@ -349,18 +351,42 @@ def test_modules_to_save_params(tiny_llama: Callable[..., Path], lora_adapter: C
             "lm_head.weight": {"tensor": f"{PREFIX}lm_head.weight", "shape": [256, 64], "dtype": "BF16"}
         }
     }
-    # PEFT's rule is a plain suffix match: "norm" also saves every input_layernorm / post_attention_layernorm
+    # exactly what the installed PEFT matched ("norm": every layernorm before 0.22, model.norm since)
     replaced = sorted(t.base_tensor for t in read.targets if isinstance(t, ReplaceTarget))
-    assert replaced == [
-        "lm_head.weight",
-        "model.layers.0.input_layernorm.weight",
-        "model.layers.0.post_attention_layernorm.weight",
-        "model.layers.1.input_layernorm.weight",
-        "model.layers.1.post_attention_layernorm.weight",
-        "model.norm.weight",
-    ]
+    assert replaced == _modules_peft_saves(base, adapter)
+    assert "model.norm.weight" in replaced
     assert len([t for t in read.targets if isinstance(t, LoraTarget)]) == 4
     assert targets_from_params(read.params()) == read.targets
+
+
+def test_modules_to_save_by_either_peft_rule_are_read(
+    tiny_llama: Callable[..., Path], lora_adapter: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An adapter from PEFT < 0.22, whose plain suffix rule also saved every input_layernorm for "norm",
+    applies as it was trained: those saved tensors replace the base's too."""
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_llama(dtype="bfloat16")
+    folder = tmp_path / "adapter"
+    shutil.copytree(lora_adapter(base, modules_to_save=("lm_head", "norm")), folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    layernorms = [f"model.layers.{i}.input_layernorm.weight" for i in range(2)]
+    for name in layernorms:
+        tensors.setdefault(f"{PREFIX}{name}", torch.full((64,), 0.5, dtype=torch.bfloat16))
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    replaced = {t.base_tensor for t in read_peft_adapter(folder).targets if isinstance(t, ReplaceTarget)}
+    assert {"lm_head.weight", "model.norm.weight", *layernorms} <= replaced
+
+
+def _modules_peft_saves(base: Path, adapter: Path) -> list[str]:
+    """The base tensors PEFT itself replaces when it loads ``adapter``: its ModulesToSaveWrapper modules."""
+    from peft import PeftModel
+    from peft.utils.other import ModulesToSaveWrapper
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    return sorted(name.removeprefix("base_model.model.") + ".weight" for name in wrapped)
 
 
 @pytest.mark.slow
