@@ -2,7 +2,8 @@
 
 Layout: ``<cache>/versions/<manifest hex>/`` holds the version's files exactly as pushed, plus
 ``.deltareg.json`` (repo, number, digest and manifest). A version folder is built in a temporary folder
-beside it and renamed into place only when every file has verified, so a folder that exists is complete.
+beside it and renamed into place only when every file has verified and is on the disk (fsync), so a folder
+that exists is complete, after a crash or a power cut too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from deltareg.client.errors import DigestMismatch, InvalidInput
 from deltareg.client.manifest import FileEntry, Manifest
+from deltareg.client.outputs import sync_path, sync_tree, write_atomically
 from deltareg.client.transfer import file_digest
 
 RECORD_NAME = ".deltareg.json"
@@ -115,25 +117,22 @@ class VersionCache:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 fetch(entry, dest)
             record.write(staging)
+            # Without the flush the rename could reach the disk before the files' data, and a crash would
+            # leave a cached folder of the right sizes (all lookup checks) holding zeros.
+            sync_tree(staging)
             if final.exists():  # a damaged earlier copy, or a concurrent pull that finished first
                 shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        sync_path(self.root)
         return final
 
 
 def copy_folder(source: Path, output: Path) -> Path:
-    """Copy a pulled folder to ``output`` (absent or empty), via a temporary folder beside it."""
+    """Copy a pulled folder to ``output`` (absent or empty), via a temporary folder beside it that is flushed
+    to the disk before it is renamed."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise InvalidInput(f"output {output} already exists and is not an empty folder")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-    try:
-        shutil.copytree(source, staging, dirs_exist_ok=True)
-        if output.exists():
-            output.rmdir()
-        os.replace(staging, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    write_atomically(output, lambda temp: shutil.copytree(source, temp, dirs_exist_ok=True))
     return output

@@ -1,4 +1,5 @@
-"""OutputFile (O_DIRECT with a staging buffer, or the page cache) and write_atomically's flush to disk.
+"""OutputFile (O_DIRECT with a staging buffer, or the page cache), and the flush to disk before the rename
+of write_atomically and of the pull cache.
 
 Real files on the test's own filesystem; the only stand-ins are OS calls made to fail or recorded
 (``os.open``/``os.write`` refusing O_DIRECT as some filesystems do, ``os.fsync`` observed)."""
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from deltareg.client.cache import VersionCache, VersionRecord, copy_folder, verify_folder
+from deltareg.client.manifest import BaseModelRef, FileEntry, Manifest
 from deltareg.client.outputs import (
     DIRECT_ALIGN,
     DIRECT_FROM,
@@ -199,6 +202,7 @@ def _fsync_recorder(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     events: list[str] = []
     real_fsync: Callable[[int], None] = os.fsync
     real_rename = Path.rename
+    real_replace = os.replace
 
     def fsync(fd: int) -> None:
         events.append(os.readlink(f"/proc/self/fd/{fd}"))
@@ -208,9 +212,21 @@ def _fsync_recorder(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         events.append(f"rename {self} -> {target}")
         return real_rename(self, target)
 
+    def replace(source: Any, target: Any) -> None:
+        events.append(f"rename {source} -> {target}")
+        real_replace(source, target)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
     return events
+
+
+def _split_at_the_rename(events: list[str]) -> tuple[set[str], list[str]]:
+    """What was fsynced before the one rename, and after it."""
+    renames = [i for i, event in enumerate(events) if event.startswith("rename")]
+    assert len(renames) == 1
+    return set(events[: renames[0]]), events[renames[0] + 1 :]
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name descriptors")
@@ -228,10 +244,51 @@ def test_write_atomically_flushes_every_file_and_folder_before_the_rename(
         (temp / "sub" / "b.json").write_text("{}")
 
     write_atomically(output, write)
-    renames = [i for i, event in enumerate(events) if event.startswith("rename")]
-    assert len(renames) == 1
-    before, after = set(events[: renames[0]]), events[renames[0] + 1 :]
+    before, after = _split_at_the_rename(events)
     temp = temps[0]
     assert before == {str(temp / "a.safetensors"), str(temp / "sub" / "b.json"), str(temp / "sub"), str(temp)}
     assert after == [str(output.parent)]  # the rename itself reaches the disk
     assert (output / "sub" / "b.json").read_text() == "{}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name descriptors")
+def test_a_pulled_version_is_on_the_disk_before_it_enters_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = random.Random(9).randbytes(70_000)
+    manifest = Manifest(
+        kind="lora",
+        files=[
+            FileEntry(
+                path="weights.safetensors",
+                digest=f"sha256:{hashlib.sha256(data).hexdigest()}",
+                size=len(data),
+            )
+        ],
+        base=BaseModelRef(fingerprint="tmv1:" + "ab" * 32),
+    )
+    record = VersionRecord(repo="acme/durable", number=1, digest=manifest.digest, manifest=manifest)
+    cache = VersionCache(tmp_path / "cache")
+    staging: list[Path] = []
+
+    def fetch(entry: FileEntry, dest: Path) -> None:
+        staging.append(dest.parent)
+        dest.write_bytes(data)
+
+    events = _fsync_recorder(monkeypatch)
+    folder = cache.install(record, fetch)
+    before, after = _split_at_the_rename(events)
+    assert before == {
+        str(staging[0] / "weights.safetensors"),
+        str(staging[0] / ".deltareg.json"),
+        str(staging[0]),
+    }
+    assert after == [str(cache.root)]
+    assert verify_folder(folder) == record
+
+    events.clear()
+    copied = copy_folder(folder, tmp_path / "out" / "adapter")  # pull -o
+    before, after = _split_at_the_rename(events)
+    assert {Path(path).name for path in before} >= {"weights.safetensors", ".deltareg.json"}
+    assert after == [str(tmp_path / "out")]
+    assert verify_folder(copied) == record
