@@ -14,6 +14,8 @@ package_dir = {f"deltareg.{root}": root for root in ROOTS}
 package_dir["deltareg.registry.migrations"] = "migrations"
 packages += ["deltareg.registry.migrations", "deltareg.registry.migrations.versions"]
 package_dir["deltareg.registry.migrations.versions"] = "migrations/versions"
+# Folders of data files, listed as packages: setuptools warns that it will drop them otherwise.
+packages += ["deltareg.registry.ui.templates", "deltareg.registry.ui.static"]
 
 setup(
     package_dir=package_dir,
@@ -23,6 +25,7 @@ setup(
         "deltareg.client": ["py.typed"],
         "deltareg.registry.migrations": ["*.py", "*.mako"],
         "deltareg.registry.migrations.versions": ["*.py"],
-        "deltareg.registry.ui": ["templates/*.html", "static/*.css"],
+        "deltareg.registry.ui.templates": ["*.html"],
+        "deltareg.registry.ui.static": ["*.css"],
     },
 )
