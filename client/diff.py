@@ -43,7 +43,7 @@ from deltareg.client.dense import (
 from deltareg.client.errors import InvalidDelta, InvalidInput, InvalidModel
 from deltareg.client.fingerprint import FingerprintCache, TensorInfo, fingerprint_path, safetensors_dtype
 from deltareg.client.manifest import check_file_path
-from deltareg.client.outputs import refuse_existing_output, write_atomically
+from deltareg.client.outputs import OutputFile, refuse_existing_output, write_atomically
 from deltareg.client.weights import (
     SAFETENSORS_DTYPES,
     encode_header,
@@ -290,11 +290,13 @@ class StreamingSafetensorsWriter:
         self._layout[key] = (dtype, shape)
 
     def close(self) -> None:
+        # The spill's pages were just written, so reading them back costs no new memory; the file itself
+        # goes to the disk with O_DIRECT where it can (see OutputFile), not into more page-cache pages.
         try:
-            with open(self.path, "wb") as out:
-                out.write(encode_header((key, *spec) for key, spec in self._layout.items()))
-                self._spill.seek(0)
-                shutil.copyfileobj(self._spill, out, COPY_CHUNK)
+            self._spill.flush()
+            with OutputFile(self.path) as out:
+                out.write(memoryview(encode_header((key, *spec) for key, spec in self._layout.items())))
+                out.copy_from(self._spill.fileno(), 0, self._spill.tell())
         finally:
             self._spill.close()
             self._spill_path.unlink()
