@@ -10,7 +10,7 @@ Folder layout, exactly as ``PeftModel.save_pretrained`` writes it for the defaul
     README.md                   the model card (optional)
 
 Besides plain LoRA on linear layers (``nn.Linear``, and GPT-2's ``Conv1D`` with ``fan_in_fan_out``), the
-weights file may hold, exactly as PEFT 0.21 writes them:
+weights file may hold, exactly as PEFT 0.21 and 0.22 write them:
 
 * embedding LoRA: ``<module>.lora_embedding_A`` (r, num_embeddings) and ``.lora_embedding_B``
   (embedding_dim, r), no ``.weight`` suffix; PEFT also saves the embedding itself as
