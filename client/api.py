@@ -36,6 +36,7 @@ from deltareg.client.fingerprint import (
 from deltareg.client.lineage import training_metadata
 from deltareg.client.lora import check_against_base, read_peft_adapter
 from deltareg.client.manifest import BaseModelRef, FileEntry, Manifest
+from deltareg.client.outputs import refuse_existing_output
 from deltareg.client.progress import TransferProgress, resolve_progress
 from deltareg.client.refs import Reference, RepoName, validate_alias, validate_name_part
 from deltareg.client.signing import (
@@ -586,8 +587,7 @@ class Registry:
         ``require_signature`` / ``trusted_keys``: as for ``pull`` (SignatureInvalid, nothing written).
         """
         out = Path(output)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise InvalidInput(f"output {out} already exists and is not an empty folder")
+        refuse_existing_output(out)
         pulled = self.pull(
             ref, allow_yanked=allow_yanked, require_signature=require_signature, trusted_keys=trusted_keys
         )

@@ -9,9 +9,7 @@ that exists is complete, after a crash or a power cut too.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 from deltareg.client.errors import DigestMismatch, InvalidInput
 from deltareg.client.manifest import FileEntry, Manifest
-from deltareg.client.outputs import sync_path, sync_tree, write_atomically
+from deltareg.client.outputs import refuse_existing_output, write_atomically
 from deltareg.client.transfer import file_digest
 
 RECORD_NAME = ".deltareg.json"
@@ -107,32 +105,25 @@ class VersionCache:
         return folder if intact else None
 
     def install(self, record: VersionRecord, fetch: Callable[[FileEntry, Path], None]) -> Path:
-        """Build the version folder with ``fetch(entry, destination)`` for each file, then move it in."""
+        """Build the version folder with ``fetch(entry, destination)`` for each file, then move it in (over a
+        damaged earlier copy, or a concurrent pull's that finished first)."""
         final = self.folder_for(record.digest)
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".{final.name[:16]}.", suffix=".tmp"))
-        try:
+
+        def build(staging: Path) -> None:
             for entry in record.manifest.files:
                 dest = staging / entry.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 fetch(entry, dest)
             record.write(staging)
-            # Without the flush the rename could reach the disk before the files' data, and a crash would
-            # leave a cached folder of the right sizes (all lookup checks) holding zeros.
-            sync_tree(staging)
-            if final.exists():  # a damaged earlier copy, or a concurrent pull that finished first
-                shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        sync_path(self.root)
+
+        # Flushed before the rename: lookup checks sizes only, which a crash's folder of zeros would pass.
+        write_atomically(final, build, replace=True)
         return final
 
 
 def copy_folder(source: Path, output: Path) -> Path:
     """Copy a pulled folder to ``output`` (absent or empty), via a temporary folder beside it that is flushed
     to the disk before it is renamed."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise InvalidInput(f"output {output} already exists and is not an empty folder")
+    refuse_existing_output(output)
     write_atomically(output, lambda temp: shutil.copytree(source, temp, dirs_exist_ok=True))
     return output

@@ -42,20 +42,25 @@ def refuse_existing_output(output: Path) -> None:
         raise InvalidInput(f"{output}: already exists and is not an empty folder; choose a new output path")
 
 
-def write_atomically(output: Path, write: Callable[[Path], T]) -> T:
+def write_atomically(output: Path, write: Callable[[Path], T], *, replace: bool = False) -> T:
     """Run ``write`` on a temporary folder beside ``output`` and rename it to ``output`` if it returns;
     if it raises, remove the temporary folder, so ``output`` never exists half-written.
 
     Everything written is flushed to the disk before the rename, and the rename itself after it: after a
     crash or a power cut, ``output`` is either absent or complete (without the flush, the rename could
-    reach the disk before the files' data, leaving a folder of empty or partly written files)."""
+    reach the disk before the files' data, leaving a folder of empty or partly written files).
+
+    An existing ``output`` must be an empty folder, unless ``replace``: then it is removed, whatever it
+    holds, once the new folder is complete."""
     output.parent.mkdir(parents=True, exist_ok=True)
     temp = output.parent / f".{output.name}.tmp-{secrets.token_hex(6)}"
     temp.mkdir()
     try:
         result = write(temp)
         sync_tree(temp)
-        if output.is_dir():
+        if replace and output.exists():
+            shutil.rmtree(output)
+        elif output.is_dir():
             output.rmdir()  # an empty folder the caller made for us; a non-empty one makes this fail
         temp.rename(output)
     except BaseException:

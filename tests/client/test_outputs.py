@@ -251,10 +251,8 @@ def test_write_atomically_flushes_every_file_and_folder_before_the_rename(
     assert (output / "sub" / "b.json").read_text() == "{}"
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name descriptors")
-def test_a_pulled_version_is_on_the_disk_before_it_enters_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _pulled_version() -> tuple[bytes, VersionRecord]:
+    """A one-file version's bytes and record."""
     data = random.Random(9).randbytes(70_000)
     manifest = Manifest(
         kind="lora",
@@ -268,6 +266,14 @@ def test_a_pulled_version_is_on_the_disk_before_it_enters_the_cache(
         base=BaseModelRef(fingerprint="tmv1:" + "ab" * 32),
     )
     record = VersionRecord(repo="acme/durable", number=1, digest=manifest.digest, manifest=manifest)
+    return data, record
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name descriptors")
+def test_a_pulled_version_is_on_the_disk_before_it_enters_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, record = _pulled_version()
     cache = VersionCache(tmp_path / "cache")
     staging: list[Path] = []
 
@@ -292,3 +298,22 @@ def test_a_pulled_version_is_on_the_disk_before_it_enters_the_cache(
     assert {Path(path).name for path in before} >= {"weights.safetensors", ".deltareg.json"}
     assert after == [str(tmp_path / "out")]
     assert verify_folder(copied) == record
+
+
+def test_a_damaged_cached_version_is_replaced_by_the_next_install(tmp_path: Path) -> None:
+    data, record = _pulled_version()
+    cache = VersionCache(tmp_path / "cache")
+
+    def fetch(entry: FileEntry, dest: Path) -> None:
+        dest.write_bytes(data)
+
+    folder = cache.install(record, fetch)
+    (folder / "weights.safetensors").write_bytes(data[:100])  # as a crash or a full disk might leave it
+    (folder / "stray.txt").write_text("not the version's")
+    assert cache.lookup(record.digest) is None
+
+    assert cache.install(record, fetch) == folder
+    assert cache.lookup(record.digest) == folder
+    assert verify_folder(folder) == record
+    assert sorted(p.name for p in cache.root.iterdir()) == [folder.name]  # nothing left beside it
+    assert not (folder / "stray.txt").exists()
